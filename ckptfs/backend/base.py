@@ -1,0 +1,30 @@
+"""The object-store interface. Every method is idempotent and blocking (call from worker threads).
+
+Implementations translate their library's errors into ``ObjectNotFound`` /
+``TransientBackendError`` / ``PermanentBackendError`` at this boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` atomically (readers see all of it or nothing)."""
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Return the object's bytes (a range when ``offset``/``length`` are given). Raises ObjectNotFound."""
+
+    def head(self, key: str) -> int:
+        """Return the object's size. Raises ObjectNotFound."""
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Yield the keys starting with ``prefix``, in lexical order."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error when it does not exist."""
+
+    def check(self) -> None:
+        """Verify the store is reachable and writable. Raises ``PermanentBackendError`` with a clear message."""

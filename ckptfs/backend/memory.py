@@ -1,0 +1,41 @@
+"""An in-memory object store for unit tests. Not shared between processes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from ckptfs.errors import ObjectNotFound
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._objects[key] = bytes(data)
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self._lock:
+            if key not in self._objects:
+                raise ObjectNotFound(key)
+            data = self._objects[key]
+        end = len(data) if length is None else offset + length
+        return data[offset:end]
+
+    def head(self, key: str) -> int:
+        return len(self.get(key))
+
+    def list(self, prefix: str) -> Iterator[str]:
+        with self._lock:
+            keys = sorted(k for k in self._objects if k.startswith(prefix))
+        yield from keys
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def check(self) -> None:
+        return None

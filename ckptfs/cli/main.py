@@ -1,0 +1,225 @@
+"""``ckptfs`` — one console script with subcommands: mount, umount, stats, fsck."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ckptfs import __version__, config, daemon, fsck, stats
+from ckptfs import log as logsetup
+from ckptfs.cli.mounts import mount_of
+from ckptfs.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _config(args: argparse.Namespace) -> config.Config:
+    overrides: dict[str, dict[str, object]] = {}
+    if getattr(args, "cache", None):
+        overrides.setdefault("cache", {})["dir"] = os.path.abspath(args.cache)
+    if getattr(args, "store", None):
+        overrides.setdefault("store", {})["url"] = args.store
+    return config.load(args.config, overrides)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+# -- mount / umount ----------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    mountpoint = os.path.abspath(args.mountpoint)
+    level = logging.DEBUG if args.debug else logging.INFO
+    if args.foreground:
+        logsetup.setup(level, None if args.ready_fd is None else str(Path(cfg.cache.dir) / daemon.LOG_NAME))
+        ready_fd = args.ready_fd
+
+        def ready(error: str | None) -> None:
+            nonlocal ready_fd
+            if ready_fd is None:
+                return
+            try:
+                os.write(ready_fd, b"OK\n" if error is None else f"ERR {error}\n".encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+            ready_fd = None
+
+        return daemon.run(cfg, mountpoint, ready)
+    # Background: check in this process for quick, clear errors, then start the daemon and wait for it.
+    daemon.preflight(cfg, mountpoint)
+    if daemon.read_pid(cfg.cache.dir) is not None:
+        daemon.lock_cache(cfg.cache.dir)  # raises if a daemon really holds the cache; else the pid file is stale
+    rfd, wfd = os.pipe()
+    cmd = [sys.executable, "-m", "ckptfs", "mount", "--foreground", "--ready-fd", str(wfd), mountpoint]
+    cmd += ["--cache", cfg.cache.dir, "--store", cfg.store.url]
+    if args.config:
+        cmd += ["--config", args.config]
+    if args.debug:
+        cmd.append("--debug")
+    Path(cfg.cache.dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.cache.dir) / daemon.LOG_NAME, "ab") as logf:
+        proc = subprocess.Popen(
+            cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+        )
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        line = r.readline().decode().strip()
+    if line == "OK":
+        print(f"ckptfs mounted at {mountpoint} (pid {proc.pid}, cache {cfg.cache.dir}, store {cfg.store.url})")
+        return 0
+    proc.wait(timeout=30)
+    msg = line[4:] if line.startswith("ERR ") else f"daemon exited with status {proc.returncode}"
+    raise UserError(f"mount failed: {msg} (log: {Path(cfg.cache.dir) / daemon.LOG_NAME})")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    found = mount_of(mountpoint)
+    if found is None or found[1] != "":
+        raise UserError(f"{mountpoint} is not a ckptfs mount point")
+    cache_dir = found[0].cache_dir
+    pid = daemon.read_pid(cache_dir)
+    tool = "fusermount3" if os.geteuid() != 0 else "umount"
+    res = subprocess.run([tool, mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise UserError(f"cannot unmount {mountpoint}: {res.stderr.strip() or res.stdout.strip()}")
+    if pid is None:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"unmounted {mountpoint}")
+            return 0
+        time.sleep(0.1)
+    raise UserError(f"unmounted {mountpoint}, but daemon pid {pid} is still running after {args.timeout:.0f} s")
+
+
+# -- stats / fsck ------------------------------------------------------------------------------
+
+
+def _cache_for(args: argparse.Namespace) -> tuple[str, str]:
+    if args.path:
+        found = mount_of(args.path)
+        if found is not None:
+            return found[0].cache_dir, found[1]
+        if not args.cache:
+            raise UserError(
+                f"{args.path} is not inside a ckptfs mount (give --cache DIR and a path relative to the root)"
+            )
+    return _config(args).cache.dir, (args.path or "") if args.cache else ""
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    cache_dir, rel = _cache_for(args)
+    db = Path(cache_dir) / daemon.DB_NAME
+    if not db.exists():
+        raise UserError(f"no ckptfs metadata in {cache_dir}")
+    conn = stats.open_readonly(db)
+    try:
+        total, per_dir = stats.usage(conn, rel)
+    except FileNotFoundError:
+        raise UserError(f"{rel} does not exist in the filesystem") from None
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps({"total": total.as_dict(), "dirs": {k: v.as_dict() for k, v in sorted(per_dir.items())}}))
+        return 0
+    cols = ("files", 6), ("logical", 11), ("stored", 11), ("staged", 11), ("dedup", 6), ("compr", 6), ("ratio", 6)
+    print(f"{'directory':<40} " + " ".join(f"{name:>{width}}" for name, width in cols))
+    for name, u in sorted(per_dir.items()):
+        if u.files:
+            print(
+                f"{name[-40:]:<40} {u.files:>6} {_human(u.logical):>11} {_human(u.stored_total):>11}"
+                f" {_human(u.staged):>11} {u.dedup_ratio:>5.2f}x {u.compression_ratio:>5.2f}x {u.ratio:>5.2f}x"
+            )
+    u = total
+    print(
+        f"{'TOTAL':<40} {u.files:>6} {_human(u.logical):>11} {_human(u.stored_total):>11}"
+        f" {_human(u.staged):>11} {u.dedup_ratio:>5.2f}x {u.compression_ratio:>5.2f}x {u.ratio:>5.2f}x"
+    )
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    cache_dir = _config(args).cache.dir
+    lock_fd = daemon.lock_cache(cache_dir) if args.repair else None
+    try:
+        rep = fsck.check(cache_dir, verify_data=args.verify_data, repair=args.repair)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    for line in rep.repaired:
+        print(f"repaired: {line}")
+    for line in rep.warnings:
+        print(f"warning: {line}")
+    for line in rep.problems:
+        print(f"PROBLEM: {line}")
+    print(
+        f"fsck: {rep.checked_files} files, {rep.checked_chunks} chunks checked, "
+        f"{len(rep.problems)} problems, {len(rep.warnings)} warnings"
+    )
+    return 0 if rep.ok else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckptfs", description="A FUSE filesystem for ML checkpoints.")
+    p.add_argument("--version", action="version", version=f"ckptfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="TOML config file (default /etc/ckptfs/ckptfs.toml if present)")
+        sp.add_argument("--cache", help="cache directory (staging, chunks, metadata)")
+
+    m = sub.add_parser("mount", help="mount ckptfs (daemonizes once mounted unless --foreground)")
+    common(m)
+    m.add_argument("--store", help="object store URL, e.g. file:///var/lib/ckptfs/objects")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
+    m.add_argument("--debug", action="store_true", help="debug logging")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("mountpoint")
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
+    u.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the daemon (default 600)")
+    u.add_argument("mountpoint")
+    u.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("stats", help="logical vs stored bytes, dedup and compression ratios per directory")
+    common(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("path", nargs="?", help="a path inside a mount (default: the whole filesystem)")
+    s.set_defaults(func=cmd_stats)
+
+    f = sub.add_parser("fsck", help="check metadata and chunks; exit 1 on a problem")
+    common(f)
+    f.add_argument("--verify-data", action="store_true", help="decode every chunk and verify its hash")
+    f.add_argument("--repair", action="store_true", help="remove orphan chunk files (daemon must be stopped)")
+    f.set_defaults(func=cmd_fsck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"ckptfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

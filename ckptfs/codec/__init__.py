@@ -1,0 +1,8 @@
+"""Chunk codec: hashing, framing and (lossless) compression. Pure functions, safe in worker threads."""
+
+from __future__ import annotations
+
+from ckptfs.codec.frame import Codec, FrameHeader, decode, encode, parse_header
+from ckptfs.codec.hashing import chunk_id
+
+__all__ = ["Codec", "FrameHeader", "chunk_id", "decode", "encode", "parse_header"]

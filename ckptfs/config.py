@@ -1,0 +1,178 @@
+"""Configuration: one frozen tree, loaded once with precedence flags > ``CKPTFS_*`` env > TOML > defaults.
+
+Each component receives only its own section. ``load()`` validates and raises ``UserError`` with a
+one-line message naming the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ckptfs.errors import UserError
+
+DEFAULT_CONFIG_FILE = Path("/etc/ckptfs/ckptfs.toml")
+MiB = 1024 * 1024
+
+
+def _default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/ckptfs/cache"
+    return str(Path.home() / ".cache" / "ckptfs")
+
+
+def _default_store_url() -> str:
+    if os.geteuid() == 0:
+        return "file:///var/lib/ckptfs/objects"
+    return "file://" + str(Path.home() / ".local" / "share" / "ckptfs" / "objects")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The local NVMe cache: staging files, chunk cache and the metadata database."""
+
+    dir: str = field(default_factory=_default_cache_dir)
+    reserve_mb: int = 64  # writes fail with ENOSPC when less than this is free on the cache disk
+    decoded_cache_mb: int = 64  # in-memory cache of decoded chunks for reads
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where chunks are tiered to: ``file:///path`` (embedded default) or ``s3://bucket/prefix``."""
+
+    url: str = field(default_factory=_default_store_url)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """The background pipeline that turns staged versions into chunks."""
+
+    threads: int = 0  # worker threads for hashing/compression; 0 = cores - 1 (at least 1)
+    files_at_once: int = 2  # sealed versions ingested concurrently
+    zstd_level: int = 3
+    piece_mb: int = 4  # size of the fixed pieces a tensor record is cut into
+    cdc_avg_kb: int = 1024  # average content-defined chunk size for unparsed files
+    nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority
+
+
+@dataclass(frozen=True, slots=True)
+class MountConfig:
+    """FUSE mount options."""
+
+    allow_other: bool = True  # only honoured when running as root
+    drain_seconds: float = 120.0  # on unmount, wait this long for staged versions to be ingested
+    fuse_device: str = "/dev/fuse"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    mount: MountConfig = field(default_factory=MountConfig)
+
+
+_SECTIONS = {"cache": CacheConfig, "store": StoreConfig, "ingest": IngestConfig, "mount": MountConfig}
+
+
+def _coerce(section: str, key: str, raw: Any, typ: type[Any]) -> Any:
+    where = f"{section}.{key}"
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return raw.lower() in {"1", "true", "yes", "on"}
+        raise UserError(f"config: {where} must be true or false, got {raw!r}")
+    if typ is int and not isinstance(raw, bool):
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"config: {where} must be an integer, got {raw!r}") from None
+    if typ is float and not isinstance(raw, bool):
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"config: {where} must be a number, got {raw!r}") from None
+    if typ is str and isinstance(raw, str):
+        return raw
+    raise UserError(f"config: {where} has the wrong type: {raw!r}")
+
+
+def _apply(cfg: Config, section: str, values: dict[str, Any], source: str) -> Config:
+    cls = _SECTIONS.get(section)
+    if cls is None:
+        raise UserError(f"config: unknown section [{section}] in {source}")
+    current = getattr(cfg, section)
+    types = {f.name: type(getattr(current, f.name)) for f in fields(cls)}
+    changes: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in types:
+            raise UserError(f"config: unknown key {section}.{key} in {source}")
+        changes[key] = _coerce(section, key, raw, types[key])
+    return replace(cfg, **{section: replace(current, **changes)})
+
+
+def load(
+    path: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build the configuration. ``path=None`` reads ``/etc/ckptfs/ckptfs.toml`` when it exists.
+
+    Environment variables are ``CKPTFS_<SECTION>_<KEY>`` (for example ``CKPTFS_CACHE_DIR``).
+    Raises ``UserError`` for an unreadable file, unknown keys or wrong types.
+    """
+    env = os.environ if environ is None else environ
+    cfg = Config()
+    file = Path(path) if path else (Path(env["CKPTFS_CONFIG"]) if "CKPTFS_CONFIG" in env else None)
+    if file is None and DEFAULT_CONFIG_FILE.exists():
+        file = DEFAULT_CONFIG_FILE
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise UserError(f"config: file {file} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UserError(f"config: cannot read {file}: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise UserError(f"config: {section} in {file} must be a [section]")
+            cfg = _apply(cfg, section, values, str(file))
+    for section, cls in _SECTIONS.items():
+        env_values = {}
+        for f in fields(cls):
+            name = f"CKPTFS_{section.upper()}_{f.name.upper()}"
+            if name in env:
+                env_values[f.name] = env[name]
+        if env_values:
+            cfg = _apply(cfg, section, env_values, "the environment")
+    for section, values in (overrides or {}).items():
+        cfg = _apply(cfg, section, {k: v for k, v in values.items() if v is not None}, "the command line")
+    return validate(cfg)
+
+
+def validate(cfg: Config) -> Config:
+    """Reject contradictions and resolve automatic values. Raises ``UserError``."""
+    ing = cfg.ingest
+    if not 1 <= ing.zstd_level <= 22:
+        raise UserError(f"config: ingest.zstd_level must be within 1..22, got {ing.zstd_level}")
+    if not 1 <= ing.piece_mb <= 64:
+        raise UserError(f"config: ingest.piece_mb must be within 1..64, got {ing.piece_mb}")
+    if not 64 <= ing.cdc_avg_kb <= 4096:
+        raise UserError(f"config: ingest.cdc_avg_kb must be within 64..4096, got {ing.cdc_avg_kb}")
+    if ing.threads < 0 or ing.files_at_once < 1:
+        raise UserError("config: ingest.threads must be >= 0 and ingest.files_at_once >= 1")
+    if not 0 <= ing.nice <= 19:
+        raise UserError(f"config: ingest.nice must be within 0..19, got {ing.nice}")
+    if ing.threads == 0:
+        cfg = replace(cfg, ingest=replace(ing, threads=max(1, (os.cpu_count() or 2) - 1)))
+    if cfg.cache.reserve_mb < 0 or cfg.cache.decoded_cache_mb < 8:
+        raise UserError("config: cache.reserve_mb must be >= 0 and cache.decoded_cache_mb >= 8")
+    if "," in cfg.cache.dir:
+        raise UserError(f"config: cache.dir must not contain a comma: {cfg.cache.dir}")
+    if cfg.mount.drain_seconds < 0:
+        raise UserError("config: mount.drain_seconds must be >= 0")
+    return cfg

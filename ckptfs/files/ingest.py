@@ -1,0 +1,222 @@
+"""The ingest pipeline: sealed staged versions -> chunks in the cache -> committed ``local`` version.
+
+Runs in the background; no FUSE request ever waits for it. Per version:
+
+1. snapshot (dup'd fd, size, gen) of the sealed version                      [trio thread]
+2. plan pieces (format-aware or CDC)                                          [worker thread]
+3. per piece, bounded in parallel: read + hash [worker]; dedup against the index and
+   the other in-flight jobs [trio]; for a new chunk: encode + put (fsync) [worker], record row [trio]
+4. fsync the chunk directories                                                [worker thread]
+5. commit in one transaction, only if the version is still sealed with the same gen: extents,
+   refcounts, state 'local', drop older versions of the inode                 [trio thread, atomic]
+6. drop the staging file; collect chunks that lost their last reference       [trio thread]
+
+A failure (cache full, I/O error) leaves the version staged and retries it later with backoff; the
+data stays readable from the staging file. A crash anywhere before 5 leaves the version staged and
+start-up re-queues it; chunk rows left at refcount 0 are collected at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+
+from ckptfs.codec import chunk_id, encode
+from ckptfs.errors import CacheFull
+from ckptfs.files.chunks import ChunkIndex
+from ckptfs.files.contents import FileContents
+from ckptfs.files.plan import plan_file
+from ckptfs.files.workers import Workers
+from ckptfs.types import ChunkId, InodeId, Piece, VersionId, VersionState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    piece_size: int
+    cdc_avg: int
+    zstd_level: int
+    files_at_once: int
+    parallel_pieces: int
+
+
+def _read_and_hash(fd: int, piece: Piece) -> tuple[bytes, ChunkId]:
+    data = os.pread(fd, piece.length, piece.offset)
+    if len(data) != piece.length:
+        raise OSError(f"short read from staging file at {piece.offset}")
+    return data, chunk_id(data)
+
+
+def _encode(data: bytes, level: int, width: int) -> tuple[bytes, int]:
+    frame, codec = encode(data, level, width)
+    return frame, int(codec)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+class Ingester:
+    """Owns the queue of sealed versions and the worker tasks that ingest them."""
+
+    def __init__(self, contents: FileContents, chunks: ChunkIndex, workers: Workers, settings: IngestSettings):
+        self.contents = contents
+        self.chunks = chunks
+        self.workers = workers
+        self.settings = settings
+        self._send, self._recv = trio.open_memory_channel[tuple[InodeId, VersionId]](math.inf)
+        self._queued: set[VersionId] = set()
+        self._busy = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.bytes_ingested = 0
+        self.seconds_busy = 0.0
+
+    def submit(self, inode: InodeId, vid: VersionId) -> None:
+        """Queue a sealed version (idempotent while queued). No checkpoint; callable from any trio task."""
+        if vid in self._queued:
+            return
+        self._queued.add(vid)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._send.send_nowait((inode, vid))
+
+    @property
+    def pending(self) -> int:
+        return len(self._queued)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the worker tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.settings.files_at_once):
+                nursery.start_soon(self._worker, self._recv.clone(), nursery)
+            task_status.started()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or being ingested."""
+        while self._queued:
+            await self._idle.wait()
+
+    async def _worker(self, recv: trio.MemoryReceiveChannel[tuple[InodeId, VersionId]], nursery: trio.Nursery) -> None:
+        retries: Counter[VersionId] = Counter()
+        async for inode, vid in recv:
+            self._busy += 1
+            try:
+                await self._ingest(inode, vid)
+                retries.pop(vid, None)
+            except (CacheFull, OSError) as exc:
+                retries[vid] += 1
+                delay = min(60.0, 2.0 ** retries[vid])
+                log.warning("ingest of version %d failed (%s); retrying in %.0f s", vid, exc, delay)
+                nursery.start_soon(self._retry_later, inode, vid, delay)
+            except Exception:
+                log.exception("ingest of version %d failed unexpectedly; it stays staged", vid)
+            finally:
+                self._busy -= 1
+                self._queued.discard(vid)
+                if not self._queued:
+                    self._idle.set()
+
+    async def _retry_later(self, inode: InodeId, vid: VersionId, delay: float) -> None:
+        await trio.sleep(delay)
+        if self.contents.is_sealed(inode, vid):
+            self.submit(inode, vid)
+
+    async def _ingest(self, inode: InodeId, vid: VersionId) -> None:
+        snap = self.contents.ingest_snapshot(inode, vid)
+        if snap is None:
+            return  # reopened, superseded or deleted since it was sealed
+        fd, size, gen = snap
+        started = time.monotonic()
+        pinned: list[ChunkId] = []
+        try:
+            s = self.settings
+            layout, pieces = await self.workers.run_background(plan_file, fd, size, s.piece_size, s.cdc_avg)
+            results: dict[int, ChunkId] = {}
+            new_chunks: list[ChunkId] = []
+            limit = trio.Semaphore(s.parallel_pieces)
+
+            async def one(piece: Piece) -> None:
+                try:
+                    data, cid = await self.workers.run_background(_read_and_hash, fd, piece)
+                    self.chunks.pin(cid)
+                    pinned.append(cid)
+                    results[piece.offset] = cid
+                    while not self.chunks.has(cid):
+                        wait = self.chunks.claim(cid)
+                        if wait is not None:
+                            await wait.wait()
+                            continue
+                        try:
+                            frame, codec = await self.workers.run_background(
+                                _encode, data, s.zstd_level, piece.elem_width
+                            )
+                            await self.workers.run_background(self.chunks.cache.put, cid, frame)
+                            self.chunks.record_stored(cid, codec, len(data), len(frame))
+                            new_chunks.append(cid)
+                        finally:
+                            self.chunks.release_claim(cid)
+                finally:
+                    limit.release()
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    for piece in pieces:
+                        if not self.contents.still_sealed(inode, vid, gen):
+                            break
+                        await limit.acquire()
+                        nursery.start_soon(one, piece)
+            except BaseExceptionGroup as group:
+                raise _first_leaf(group) from group
+            if not self.contents.still_sealed(inode, vid, gen):
+                log.debug("version %d changed during ingest; will be ingested again", vid)
+                return
+            await self.workers.run_background(self.chunks.cache.sync_dirs, new_chunks)
+            if not self.contents.still_sealed(inode, vid, gen):
+                return
+            self._commit(inode, vid, size, layout, pieces, results)
+            self.bytes_ingested += size
+            self.seconds_busy += time.monotonic() - started
+            log.debug(
+                "version %d: %d bytes -> %d pieces (%s) in %.2fs",
+                vid,
+                size,
+                len(pieces),
+                layout,
+                time.monotonic() - started,
+            )
+        finally:
+            os.close(fd)
+            self.chunks.unpin(pinned)
+            self.chunks.collect(set(pinned))
+
+    def _commit(
+        self, inode: InodeId, vid: VersionId, size: int, layout: str, pieces: list[Piece], results: dict[int, ChunkId]
+    ) -> None:
+        touched: list[ChunkId] = []
+        with self.contents.db.transaction() as c:  # atomic: no await until commit
+            c.executemany(
+                "INSERT INTO extents (version, offset, length, chunk, slot) VALUES (?,?,?,?,?)",
+                [(vid, p.offset, p.length, results[p.offset], p.slot) for p in pieces],
+            )
+            ChunkIndex.add_refs(c, Counter(results[p.offset] for p in pieces))
+            c.execute(
+                "UPDATE versions SET state=?, staging=NULL, layout=?, size=? WHERE id=?",
+                (VersionState.LOCAL.value, layout, size, vid),
+            )
+            c.execute("UPDATE inodes SET size=? WHERE id=?", (size, inode))
+            for (old,) in c.execute("SELECT id FROM versions WHERE inode=? AND id<>?", (inode, vid)).fetchall():
+                touched += ChunkIndex.drop_version_refs(c, old)
+                c.execute("DELETE FROM versions WHERE id=?", (old,))
+                self.contents.reader.forget_version(VersionId(old))
+        self.contents.finish_ingest(inode)
+        self.chunks.collect(touched)

@@ -1,0 +1,114 @@
+"""Reads of committed (chunked) versions, with an LRU of decoded chunks.
+
+Trio thread for bookkeeping; fetching and decoding a chunk runs in a foreground worker thread.
+Concurrent reads of one chunk share a single decode. Every decoded chunk is verified against its id
+(``codec.decode``), so a corrupt frame raises ``CorruptChunk`` and never yields wrong bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+
+from ckptfs.cache import ChunkCache
+from ckptfs.codec import decode
+from ckptfs.errors import CorruptChunk
+from ckptfs.files.workers import Workers
+from ckptfs.meta import Database
+from ckptfs.types import ChunkId, VersionId
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Extents:
+    """A committed version's chunk map; immutable, so it is cached."""
+
+    offsets: list[int]
+    lengths: list[int]
+    chunks: list[ChunkId]
+
+
+def fetch_and_decode(cache: ChunkCache, cid: ChunkId) -> bytes:
+    """Worker thread: read a chunk frame from the cache and decode it (verifying the id)."""
+    return decode(cache.get(cid), cid)
+
+
+class ChunkReader:
+    def __init__(self, db: Database, cache: ChunkCache, workers: Workers, cache_bytes: int) -> None:
+        self.db = db
+        self.cache = cache
+        self.workers = workers
+        self.cache_bytes = cache_bytes
+        self._decoded: OrderedDict[ChunkId, bytes] = OrderedDict()
+        self._decoded_size = 0
+        self._pending: dict[ChunkId, trio.Event] = {}
+        self._failed: dict[ChunkId, BaseException] = {}
+        self._extents: OrderedDict[VersionId, Extents] = OrderedDict()
+
+    def extents(self, vid: VersionId) -> Extents:
+        ext = self._extents.get(vid)
+        if ext is None:
+            rows = self.db.execute(
+                "SELECT offset, length, chunk FROM extents WHERE version=? ORDER BY offset", (vid,)
+            ).fetchall()
+            ext = Extents([r[0] for r in rows], [r[1] for r in rows], [ChunkId(r[2]) for r in rows])
+            self._extents[vid] = ext
+            if len(self._extents) > 256:
+                self._extents.popitem(last=False)
+        else:
+            self._extents.move_to_end(vid)
+        return ext
+
+    def forget_version(self, vid: VersionId) -> None:
+        self._extents.pop(vid, None)
+
+    async def chunk(self, cid: ChunkId) -> bytes:
+        """Decoded bytes of ``cid``. Raises ``CorruptChunk`` or ``NotFound``. Checkpoints."""
+        data = self._decoded.get(cid)
+        if data is not None:
+            self._decoded.move_to_end(cid)
+            return data
+        ev = self._pending.get(cid)
+        if ev is not None:
+            await ev.wait()
+            return await self.chunk(cid)
+        ev = self._pending[cid] = trio.Event()
+        try:
+            data = await self.workers.run_foreground(fetch_and_decode, self.cache, cid)
+        finally:
+            del self._pending[cid]
+            ev.set()
+        self._decoded[cid] = data
+        self._decoded_size += len(data)
+        while self._decoded_size > self.cache_bytes and len(self._decoded) > 1:
+            _, old = self._decoded.popitem(last=False)
+            self._decoded_size -= len(old)
+        return data
+
+    async def read(self, vid: VersionId, size_of_file: int, off: int, size: int, what: str) -> bytes:
+        """Read ``size`` bytes at ``off`` of committed version ``vid``. ``what`` names the file in logs."""
+        end = min(off + size, size_of_file)
+        if off >= end:
+            return b""
+        ext = self.extents(vid)
+        i = max(0, bisect.bisect_right(ext.offsets, off) - 1)
+        parts: list[bytes] = []
+        pos = off
+        while pos < end and i < len(ext.offsets):
+            c_off, c_len, cid = ext.offsets[i], ext.lengths[i], ext.chunks[i]
+            try:
+                data = await self.chunk(cid)
+            except CorruptChunk as exc:
+                log.error("corrupt chunk %s in %s at offset %d: %s", cid.hex(), what, c_off, exc)
+                raise
+            lo = pos - c_off
+            hi = min(end, c_off + c_len) - c_off
+            parts.append(data[lo:hi])
+            pos = c_off + hi
+            i += 1
+        return b"".join(parts)

@@ -1,0 +1,9 @@
+"""Format-aware layouts: find tensor records in torch.save zip files and safetensors files."""
+
+from __future__ import annotations
+
+from ckptfs.formats.layout import Record, plan_records
+from ckptfs.formats.safetensors import safetensors_records
+from ckptfs.formats.torchzip import torchzip_records
+
+__all__ = ["Record", "plan_records", "safetensors_records", "torchzip_records"]

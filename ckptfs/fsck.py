@@ -1,0 +1,171 @@
+"""Consistency check of a cache directory's metadata and chunks (``ckptfs fsck``).
+
+Crash windows and what repairs them (see also files/ingest.py):
+
+| window                                             | state left behind                    | repair            |
+|----------------------------------------------------|--------------------------------------|-------------------|
+| kill during writes / before ingest commit          | version 'staged', staging file       | mount re-ingests  |
+| after chunk put, before its row is recorded        | chunk file without row (orphan)      | ``--repair``       |
+| after chunk row, before the version commit         | chunk row with refcount 0            | mount collects    |
+| after an unlink while the file was open            | inode with nlink 0                   | mount purges      |
+| chunk file changed on disk (bit rot, tampering)    | frame fails checksum or id           | reported; reads EIO |
+
+Runs with the daemon stopped when repairing (it takes the cache lock); a read-only check may run
+while it is mounted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptfs.cache import ChunkCache
+from ckptfs.codec import decode, parse_header
+from ckptfs.errors import CorruptChunk, NotFound
+from ckptfs.types import ChunkId
+
+
+@dataclass(slots=True)
+class Report:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    checked_chunks: int = 0
+    checked_files: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check(
+    cache_dir: str | Path,
+    *,
+    verify_data: bool = False,
+    repair: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Check the cache at ``cache_dir``. ``verify_data`` decodes every chunk and checks its hash."""
+    rep = Report()
+    db_path = Path(cache_dir) / "meta.db"
+    if not db_path.exists():
+        rep.problems.append(f"no metadata database at {db_path}")
+        return rep
+    mode = "rw" if repair else "ro"
+    conn = sqlite3.connect(f"file:{db_path}?mode={mode}", uri=True)
+    cache = ChunkCache(cache_dir) if repair else _ReadOnlyCache(cache_dir)
+    try:
+        _check_namespace(conn, rep)
+        _check_versions(conn, cache_dir, rep)
+        _check_chunks(conn, cache, rep, verify_data, repair, progress)
+    finally:
+        conn.close()
+    return rep
+
+
+class _ReadOnlyCache(ChunkCache):
+    def __init__(self, root: str | Path) -> None:  # no mkdir
+        self.root = Path(root) / "chunks"
+
+
+def _check_namespace(conn: sqlite3.Connection, rep: Report) -> None:
+    inodes = {int(r[0]): (int(r[1]), int(r[2])) for r in conn.execute("SELECT id, mode, nlink FROM inodes")}
+    if 1 not in inodes or not stat.S_ISDIR(inodes[1][0]):
+        rep.problems.append("root directory (inode 1) is missing")
+    refs: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    for parent, name, child in conn.execute("SELECT parent, name, inode FROM dirents"):
+        if parent not in inodes:
+            rep.problems.append(f"entry {bytes(name)!r} lives in missing directory {parent}")
+        elif not stat.S_ISDIR(inodes[parent][0]):
+            rep.problems.append(f"entry {bytes(name)!r} lives in non-directory inode {parent}")
+        if child not in inodes:
+            rep.problems.append(f"entry {bytes(name)!r} in {parent} points to missing inode {child}")
+            continue
+        refs[child] += 1
+        if stat.S_ISDIR(inodes[child][0]):
+            subdirs[parent] += 1
+    for ino, (mode, nlink) in inodes.items():
+        if ino == 1:
+            continue
+        if stat.S_ISDIR(mode):
+            if refs[ino] and nlink != 2 + subdirs[ino]:
+                rep.problems.append(f"directory inode {ino} has nlink {nlink}, expected {2 + subdirs[ino]}")
+        elif nlink != refs[ino] and not (nlink == 0 and refs[ino] == 0):
+            rep.problems.append(f"inode {ino} has nlink {nlink} but {refs[ino]} entries")
+        if refs[ino] == 0 and nlink > 0:
+            rep.problems.append(f"inode {ino} is unreachable")
+        if nlink == 0:
+            rep.warnings.append(f"inode {ino} is unlinked; the next mount purges it")
+
+
+def _check_versions(conn: sqlite3.Connection, cache_dir: str | Path, rep: Report) -> None:
+    staging = Path(cache_dir) / "staging"
+    rows = conn.execute(
+        "SELECT i.id, i.size, v.id, v.state, v.size, v.staging FROM inodes i JOIN versions v ON v.id = i.version"
+    ).fetchall()
+    for ino, isize, vid, state, vsize, sname in rows:
+        rep.checked_files += 1
+        if state == "staged":
+            if not sname or not (staging / sname).exists():
+                rep.problems.append(f"inode {ino}: staged version {vid} has no staging file")
+            else:
+                rep.warnings.append(f"inode {ino}: version {vid} is still staged; the next mount ingests it")
+            continue
+        if isize != vsize:
+            rep.problems.append(f"inode {ino}: size {isize} differs from its version's size {vsize}")
+        pos = 0
+        for off, length in conn.execute("SELECT offset, length FROM extents WHERE version=? ORDER BY offset", (vid,)):
+            if off != pos:
+                rep.problems.append(f"inode {ino}: version {vid} has a gap or overlap at offset {pos}")
+                break
+            pos = off + length
+        else:
+            if pos != vsize:
+                rep.problems.append(f"inode {ino}: version {vid} extents cover {pos} of {vsize} bytes")
+
+
+def _check_chunks(
+    conn: sqlite3.Connection,
+    cache: ChunkCache,
+    rep: Report,
+    verify: bool,
+    repair: bool,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    uses = Counter({bytes(c): int(n) for c, n in conn.execute("SELECT chunk, count(*) FROM extents GROUP BY chunk")})
+    rows = conn.execute("SELECT id, refcount, raw_len FROM chunks").fetchall()
+    known = set()
+    for i, (cid_b, refcount, raw_len) in enumerate(rows):
+        cid = ChunkId(bytes(cid_b))
+        known.add(cid)
+        rep.checked_chunks += 1
+        if progress:
+            progress(i + 1, len(rows))
+        if refcount != uses.get(cid, 0):
+            rep.problems.append(f"chunk {cid.hex()}: refcount {refcount} but {uses.get(cid, 0)} extents use it")
+        try:
+            frame = cache.get(cid)
+            hdr = parse_header(frame)
+            if hdr.raw_len != raw_len:
+                raise CorruptChunk(f"header says {hdr.raw_len} bytes, metadata {raw_len}")
+            if verify:
+                decode(frame, cid)
+        except NotFound:
+            rep.problems.append(f"chunk {cid.hex()}: file missing from the cache")
+        except CorruptChunk as exc:
+            rep.problems.append(f"chunk {cid.hex()}: corrupt ({exc})")
+    for cid in set(ChunkId(c) for c in uses) - known:
+        rep.problems.append(f"chunk {cid.hex()}: used by extents but has no metadata row")
+    if cache.root.exists():
+        for cid in cache.iter_ids():
+            if cid not in known:
+                if repair:
+                    cache.delete(cid)
+                    rep.repaired.append(f"removed orphan chunk file {cid.hex()}")
+                else:
+                    rep.warnings.append(f"orphan chunk file {cid.hex()} (no metadata row; --repair removes it)")

@@ -1,0 +1,7 @@
+"""The kernel adapter: pyfuse3 handlers that forward to the namespace and map errors to errnos."""
+
+from __future__ import annotations
+
+from ckptfs.fuse.ops import Operations
+
+__all__ = ["Operations"]

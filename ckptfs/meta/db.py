@@ -1,0 +1,126 @@
+"""SQLite metadata: schema and connection. One database per node, in the cache directory.
+
+All calls are synchronous and made from the trio thread only, so a run of statements with no
+``await`` in between is atomic with respect to every other task. ``transaction()`` wraps such a run
+in BEGIN IMMEDIATE/COMMIT so it is also atomic on disk. WAL with ``synchronous=NORMAL`` survives a
+killed process (the durability that matters for kill -9); fsync-grade durability is asked for
+explicitly by ``checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- One row per file, directory or symlink. The root directory is inode 1.
+CREATE TABLE IF NOT EXISTS inodes (
+    id       INTEGER PRIMARY KEY,
+    mode     INTEGER NOT NULL,           -- st_mode: type and permission bits
+    uid      INTEGER NOT NULL,
+    gid      INTEGER NOT NULL,
+    nlink    INTEGER NOT NULL,           -- directory entries pointing here (0 = orphan, purged)
+    size     INTEGER NOT NULL DEFAULT 0, -- file size; for a staged version, the size at its last seal
+    atime_ns INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    target   BLOB,                       -- symlink target
+    version  INTEGER                     -- current version of a regular file (NULL = empty, never written)
+);
+-- Directory entries. `id` gives readdir a stable offset.
+CREATE TABLE IF NOT EXISTS dirents (
+    id     INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name   BLOB NOT NULL,
+    inode  INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX IF NOT EXISTS dirents_inode ON dirents (inode);
+-- Versions of a file's contents.
+CREATE TABLE IF NOT EXISTS versions (
+    id         INTEGER PRIMARY KEY,
+    inode      INTEGER NOT NULL,
+    state      TEXT NOT NULL,            -- 'staged' | 'local' | 'remote' (types.VersionState)
+    size       INTEGER NOT NULL DEFAULT 0,
+    staging    TEXT,                     -- staging file name while state = 'staged'
+    created_ns INTEGER NOT NULL,
+    layout     TEXT                      -- 'torchzip' | 'safetensors' | 'cdc' once chunked
+);
+CREATE INDEX IF NOT EXISTS versions_inode ON versions (inode);
+-- Ordered chunks of a local/remote version. Extents tile [0, size) without gaps.
+CREATE TABLE IF NOT EXISTS extents (
+    version INTEGER NOT NULL,
+    offset  INTEGER NOT NULL,
+    length  INTEGER NOT NULL,
+    chunk   BLOB NOT NULL,               -- chunk id (xxh3-128 of the plain bytes)
+    slot    TEXT,                        -- layout slot ("data/3#0"), NULL for content-defined chunks
+    PRIMARY KEY (version, offset)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS extents_chunk ON extents (chunk);
+-- Stored chunks. refcount = number of extents referring to the chunk.
+CREATE TABLE IF NOT EXISTS chunks (
+    id       BLOB PRIMARY KEY,
+    codec    INTEGER NOT NULL,           -- codec.frame.Codec
+    raw_len  INTEGER NOT NULL,           -- plain bytes
+    stored   INTEGER NOT NULL,           -- bytes of the frame on disk
+    refcount INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_unref ON chunks (refcount) WHERE refcount = 0;
+CREATE TABLE IF NOT EXISTS xattrs (
+    inode INTEGER NOT NULL,
+    name  BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+"""
+
+
+class Database:
+    """A SQLite connection with the ckptfs schema. Trio thread only (not thread-safe by design)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=OFF")
+        self.conn.executescript(_SCHEMA)
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self.conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise RuntimeError(f"metadata schema {row[0]} is not supported (expected {SCHEMA_VERSION})")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on exception). Never await inside."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[Any, ...] | None:  # row values are SQL-typed
+        row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
+        return row
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database file with a full fsync."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,404 @@
+"""POSIX namespace semantics over the metadata database.
+
+Trio thread only. Every mutating method is a run of SQLite statements with no checkpoint, so it is
+atomic with respect to every other request, except where a docstring says it awaits (opening a file
+for writing may copy committed content into a staging file first).
+
+Known gaps (documented in the README): hard links are refused (EPERM); device nodes, FIFOs and
+sockets are refused (EPERM); '.' and '..' are not listed by readdir (the kernel resolves them).
+Lookup counts live in memory: after a restart, inodes without a directory entry are purged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from ckptfs.errors import PosixError
+from ckptfs.files import Active, FileContents
+from ckptfs.meta import Database
+from ckptfs.types import InodeId, VersionState
+
+log = logging.getLogger(__name__)
+ROOT = InodeId(1)
+NAME_MAX = 255
+_ATTR_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns"
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: InodeId
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(slots=True)
+class Handle:
+    inode: InodeId
+    writable: bool
+    active: Active | None = None
+    wrote: bool = False
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise PosixError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or name in (b".", b".."):
+        raise PosixError(errno.EINVAL)
+
+
+class Tree:
+    def __init__(self, db: Database, contents: FileContents) -> None:
+        self.db = db
+        self.contents = contents
+        self._lookups: Counter[InodeId] = Counter()
+        self._opens: Counter[InodeId] = Counter()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        if self.db.one("SELECT 1 FROM inodes WHERE id=?", (ROOT,)) is None:
+            now = time.time_ns()
+            self.db.execute(
+                f"INSERT INTO inodes ({_ATTR_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                (ROOT, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, now, now, now),
+            )
+
+    # -- attributes ----------------------------------------------------------------------------
+
+    def getattr(self, ino: InodeId) -> Attr:
+        row = self.db.one(f"SELECT {_ATTR_COLS} FROM inodes WHERE id=?", (ino,))
+        if row is None:
+            raise PosixError(errno.ENOENT)
+        attr = Attr(*row)
+        live = self.contents.size(ino)
+        if live is not None:
+            attr.size = live
+        return attr
+
+    def _child(self, parent: InodeId, name: bytes) -> InodeId | None:
+        row = self.db.one("SELECT inode FROM dirents WHERE parent=? AND name=?", (parent, name))
+        return None if row is None else InodeId(int(row[0]))
+
+    def _dir(self, ino: InodeId) -> None:
+        row = self.db.one("SELECT mode FROM inodes WHERE id=?", (ino,))
+        if row is None:
+            raise PosixError(errno.ENOENT)
+        if not stat.S_ISDIR(int(row[0])):
+            raise PosixError(errno.ENOTDIR)
+
+    def lookup(self, parent: InodeId, name: bytes) -> Attr:
+        """Resolve a name; counts one kernel lookup reference on success."""
+        if len(name) > NAME_MAX:
+            raise PosixError(errno.ENAMETOOLONG)
+        if name == b".":
+            ino: InodeId | None = parent
+        elif name == b"..":
+            row = self.db.one("SELECT parent FROM dirents WHERE inode=?", (parent,))
+            ino = ROOT if row is None else InodeId(int(row[0]))
+        else:
+            ino = self._child(parent, name)
+        if ino is None:
+            raise PosixError(errno.ENOENT)
+        attr = self.getattr(ino)
+        self._lookups[ino] += 1
+        return attr
+
+    def add_ref(self, ino: InodeId) -> None:
+        """The kernel took a reference without a lookup (readdirplus)."""
+        self._lookups[ino] += 1
+
+    def forget(self, items: list[tuple[InodeId, int]]) -> None:
+        for ino, n in items:
+            self._lookups[ino] -= n
+            if self._lookups[ino] <= 0:
+                del self._lookups[ino]
+                self._maybe_purge(ino)
+
+    async def setattr(
+        self,
+        ino: InodeId,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attr:
+        """Change attributes. Truncation awaits (it may stage the file first)."""
+        attr = self.getattr(ino)
+        now = time.time_ns()
+        if size is not None:
+            if stat.S_ISDIR(attr.mode):
+                raise PosixError(errno.EISDIR)
+            if not stat.S_ISREG(attr.mode):
+                raise PosixError(errno.EINVAL)
+            await self.contents.truncate(ino, size)
+            mtime_ns = now if mtime_ns is None else mtime_ns
+        sets, vals = ["ctime_ns=?"], [now]
+        if mode is not None:
+            sets.append("mode=?")
+            vals.append((attr.mode & ~0o7777) | (mode & 0o7777))
+        for col, val in (("uid", uid), ("gid", gid), ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
+            if val is not None:
+                sets.append(f"{col}=?")
+                vals.append(val)
+        self.db.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id=?", (*vals, ino))
+        return self.getattr(ino)
+
+    # -- creating ------------------------------------------------------------------------------
+
+    def _new_inode(self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int, target: bytes | None) -> Attr:
+        _check_name(name)
+        self._dir(parent)
+        if self._child(parent, name) is not None:
+            raise PosixError(errno.EEXIST)
+        now = time.time_ns()
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        with self.db.transaction() as c:  # atomic: no await until commit
+            ino = c.execute(
+                f"INSERT INTO inodes ({_ATTR_COLS[4:]}, target) VALUES (?,?,?,?,?,?,?,?,?)",
+                (mode, uid, gid, nlink, len(target or b""), now, now, now, target),
+            ).lastrowid
+            c.execute("INSERT INTO dirents (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
+            bump = 1 if stat.S_ISDIR(mode) else 0
+            c.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink+? WHERE id=?", (now, now, bump, parent))
+        attr = self.getattr(InodeId(ino or 0))
+        self._lookups[attr.ino] += 1
+        return attr
+
+    def mkdir(self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid, None)
+
+    def mknod(self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        if not stat.S_ISREG(mode):
+            raise PosixError(errno.EPERM, "only regular files, directories and symlinks are supported")
+        return self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, None)
+
+    def symlink(self, parent: InodeId, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        return self._new_inode(parent, name, stat.S_IFLNK | 0o777, uid, gid, target)
+
+    def readlink(self, ino: InodeId) -> bytes:
+        row = self.db.one("SELECT target FROM inodes WHERE id=?", (ino,))
+        if row is None:
+            raise PosixError(errno.ENOENT)
+        if row[0] is None:
+            raise PosixError(errno.EINVAL)
+        return bytes(row[0])
+
+    async def create(self, parent: InodeId, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
+        attr = self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, None)
+        fh = await self.open(attr.ino, flags)
+        return fh, self.getattr(attr.ino)
+
+    # -- removing ------------------------------------------------------------------------------
+
+    def _unlink_entry(self, parent: InodeId, name: bytes, ino: InodeId, is_dir: bool) -> None:
+        now = time.time_ns()
+        with self.db.transaction() as c:  # atomic: no await until commit
+            c.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
+            if is_dir:
+                c.execute("UPDATE inodes SET nlink=0, ctime_ns=? WHERE id=?", (now, ino))
+            else:
+                c.execute("UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, ino))
+            c.execute(
+                "UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink-? WHERE id=?",
+                (now, now, 1 if is_dir else 0, parent),
+            )
+        self._maybe_purge(ino)
+
+    def unlink(self, parent: InodeId, name: bytes) -> None:
+        ino = self._child(parent, name)
+        if ino is None:
+            raise PosixError(errno.ENOENT)
+        if stat.S_ISDIR(self.getattr(ino).mode):
+            raise PosixError(errno.EISDIR)
+        self._unlink_entry(parent, name, ino, False)
+
+    def _is_empty(self, ino: InodeId) -> bool:
+        return self.db.one("SELECT 1 FROM dirents WHERE parent=? LIMIT 1", (ino,)) is None
+
+    def rmdir(self, parent: InodeId, name: bytes) -> None:
+        ino = self._child(parent, name)
+        if ino is None:
+            raise PosixError(errno.ENOENT)
+        if not stat.S_ISDIR(self.getattr(ino).mode):
+            raise PosixError(errno.ENOTDIR)
+        if not self._is_empty(ino):
+            raise PosixError(errno.ENOTEMPTY)
+        self._unlink_entry(parent, name, ino, True)
+
+    def _maybe_purge(self, ino: InodeId) -> None:
+        """Delete an inode and its data once no entry, lookup or open handle refers to it."""
+        if ino == ROOT or self._lookups.get(ino) or self._opens.get(ino):
+            return
+        row = self.db.one("SELECT nlink FROM inodes WHERE id=?", (ino,))
+        if row is None or int(row[0]) > 0:
+            return
+        self.contents.drop(ino)
+        with self.db.transaction() as c:
+            c.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+            c.execute("DELETE FROM inodes WHERE id=?", (ino,))
+
+    def purge_orphans(self) -> int:
+        """At start-up: purge inodes no directory entry refers to (unlinked while open before a stop)."""
+        rows = self.db.execute("SELECT id FROM inodes WHERE nlink <= 0 AND id <> ?", (ROOT,)).fetchall()
+        for (ino,) in rows:
+            self._maybe_purge(InodeId(ino))
+        return len(rows)
+
+    # -- rename --------------------------------------------------------------------------------
+
+    def rename(
+        self, p_old: InodeId, n_old: bytes, p_new: InodeId, n_new: bytes, noreplace: bool, exchange: bool
+    ) -> None:
+        _check_name(n_new)
+        self._dir(p_new)
+        src = self._child(p_old, n_old)
+        if src is None:
+            raise PosixError(errno.ENOENT)
+        dst = self._child(p_new, n_new)
+        if dst == src:
+            return
+        src_dir = stat.S_ISDIR(self.getattr(src).mode)
+        now = time.time_ns()
+        if exchange:
+            if dst is None:
+                raise PosixError(errno.ENOENT)
+            dst_dir = stat.S_ISDIR(self.getattr(dst).mode)
+            with self.db.transaction() as c:  # atomic: no await until commit
+                c.execute("UPDATE dirents SET inode=? WHERE parent=? AND name=?", (dst, p_old, n_old))
+                c.execute("UPDATE dirents SET inode=? WHERE parent=? AND name=?", (src, p_new, n_new))
+                if src_dir != dst_dir and p_old != p_new:
+                    d = 1 if src_dir else -1
+                    c.execute("UPDATE inodes SET nlink=nlink+? WHERE id=?", (d, p_new))
+                    c.execute("UPDATE inodes SET nlink=nlink-? WHERE id=?", (d, p_old))
+                c.execute("UPDATE inodes SET ctime_ns=? WHERE id IN (?,?)", (now, src, dst))
+                c.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id IN (?,?)", (now, now, p_old, p_new))
+            return
+        if dst is not None:
+            if noreplace:
+                raise PosixError(errno.EEXIST)
+            dst_dir = stat.S_ISDIR(self.getattr(dst).mode)
+            if src_dir and not dst_dir:
+                raise PosixError(errno.ENOTDIR)
+            if dst_dir and not src_dir:
+                raise PosixError(errno.EISDIR)
+            if dst_dir and not self._is_empty(dst):
+                raise PosixError(errno.ENOTEMPTY)
+        with self.db.transaction() as c:  # atomic: no await until commit
+            if dst is not None:
+                c.execute("DELETE FROM dirents WHERE parent=? AND name=?", (p_new, n_new))
+                c.execute(
+                    "UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?",
+                    (0, now, dst),
+                )
+                if src_dir:  # the replaced empty directory's '..' link goes away
+                    c.execute("UPDATE inodes SET nlink=nlink-1 WHERE id=?", (p_new,))
+            c.execute("UPDATE dirents SET parent=?, name=? WHERE parent=? AND name=?", (p_new, n_new, p_old, n_old))
+            if src_dir and p_old != p_new:
+                c.execute("UPDATE inodes SET nlink=nlink-1 WHERE id=?", (p_old,))
+                c.execute("UPDATE inodes SET nlink=nlink+1 WHERE id=?", (p_new,))
+            c.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, src))
+            c.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id IN (?,?)", (now, now, p_old, p_new))
+        if dst is not None:
+            self._maybe_purge(dst)
+
+    # -- directories ---------------------------------------------------------------------------
+
+    def readdir(self, ino: InodeId, start: int) -> list[tuple[bytes, Attr, int]]:
+        """Entries after offset ``start`` as (name, attributes, next offset)."""
+        rows = self.db.execute(
+            "SELECT id, name, inode FROM dirents WHERE parent=? AND id>? ORDER BY id LIMIT 1000", (ino, start)
+        ).fetchall()
+        return [(bytes(name), self.getattr(InodeId(child)), int(did)) for did, name, child in rows]
+
+    # -- open files ----------------------------------------------------------------------------
+
+    async def open(self, ino: InodeId, flags: int) -> int:
+        """Open a file; for writing, the file gets a staged version first (may await, see FileContents)."""
+        attr = self.getattr(ino)
+        if stat.S_ISDIR(attr.mode):
+            raise PosixError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        handle = Handle(ino, writable)
+        self._opens[ino] += 1
+        try:
+            if writable:
+                keep = 0 if flags & os.O_TRUNC else None
+                handle.active = await self.contents.open_write(ino, keep)
+            elif flags & os.O_TRUNC:
+                raise PosixError(errno.EACCES)
+        except BaseException:
+            self._opens[ino] -= 1
+            raise
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise PosixError(errno.EBADF)
+        return h
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handle(fh)
+        return await self.contents.read(h.inode, off, size, f"inode {h.inode}")
+
+    def write(self, fh: int, off: int, data: bytes) -> int:
+        h = self.handle(fh)
+        if h.active is None:
+            raise PosixError(errno.EBADF)
+        h.wrote = True
+        return self.contents.write(h.active, off, data)
+
+    def release(self, fh: int) -> None:
+        """Close a handle; the last writer seals the version (no checkpoint)."""
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        if h.wrote:
+            now = time.time_ns()
+            self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, h.inode))
+        if h.writable:
+            self.contents.release_write(h.inode)
+        self._opens[h.inode] -= 1
+        if self._opens[h.inode] <= 0:
+            del self._opens[h.inode]
+            self._maybe_purge(h.inode)
+
+    async def fsync(self, fh: int) -> None:
+        await self.contents.fsync(self.handle(fh).inode)
+
+    def state(self, ino: InodeId) -> VersionState | None:
+        return self.contents.state(ino)
+
+    # -- extended attributes -------------------------------------------------------------------
+
+    def getxattr(self, ino: InodeId, name: bytes) -> bytes | None:
+        row = self.db.one("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        return None if row is None else bytes(row[0])
+
+    def setxattr(self, ino: InodeId, name: bytes, value: bytes) -> None:
+        self.getattr(ino)
+        self.db.execute("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)", (ino, name, value))
+        self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (time.time_ns(), ino))
+
+    def listxattr(self, ino: InodeId) -> list[bytes]:
+        return [bytes(r[0]) for r in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (ino,))]
+
+    def removexattr(self, ino: InodeId, name: bytes) -> bool:
+        cur = self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        return cur.rowcount > 0
