@@ -7,8 +7,9 @@ Trio thread only. Await points and what holds across them are stated per method.
 * Writes go to the staging file with ``pwrite`` inline: page-cache writes are fast and doing them
   without a checkpoint keeps the ordering of FUSE writes trivially correct.
 * A version is *sealed* when its last writer releases it; sealed versions are handed to the
-  ingester. Opening it for writing again bumps ``gen`` so an ingest already under way discards its
-  result at commit instead of committing stale data.
+  ingester. Every modification bumps ``gen``, and an ingest commits only if ``gen`` is unchanged
+  and nobody has the file open for writing; otherwise it discards its result, and the next
+  release hands the version to the ingester again.
 * Thread work on a staging file always uses its own ``dup()`` of the fd, so closing an ``Active``
   can never hand a recycled fd to a running thread.
 """
@@ -16,6 +17,7 @@ Trio thread only. Await points and what holds across them are stated per method.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import time
@@ -92,6 +94,7 @@ class FileContents:
         self.active: dict[InodeId, Active] = {}
         self._locks: dict[InodeId, trio.Lock] = {}
         self._since_space_check = _SPACE_CHECK_BYTES
+        self._gens = itertools.count(1)  # modification stamps, unique across all versions
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -125,7 +128,6 @@ class FileContents:
             act = self.active.get(inode)
             if act is not None:
                 act.writers += 1
-                act.gen += 1
                 if keep is not None and keep < act.size:
                     self._truncate_active(act, keep)
                 return act
@@ -183,7 +185,7 @@ class FileContents:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFull("cache disk is full") from exc
             raise
-        act.gen += 1
+        act.gen = next(self._gens)
         act.dirty = True
         if off + n > act.size:
             act.size = off + n
@@ -192,7 +194,7 @@ class FileContents:
     def _truncate_active(self, act: Active, size: int) -> None:
         os.ftruncate(act.fd, size)
         act.size = size
-        act.gen += 1
+        act.gen = next(self._gens)
         act.dirty = True
 
     async def truncate(self, inode: InodeId, size: int) -> None:
@@ -211,8 +213,11 @@ class FileContents:
         if act is None:
             return
         act.writers -= 1
-        if act.writers == 0 and act.dirty:
-            self.seal(act)
+        if act.writers == 0:
+            if act.dirty:
+                self.seal(act)
+            else:  # unchanged, but an ingest may have given up while it was open: queue it again
+                self.on_sealed(act.inode, act.version)
 
     def seal(self, act: Active) -> None:
         """Persist the staged version's size and hand it to the ingester. No checkpoint."""

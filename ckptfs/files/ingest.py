@@ -47,10 +47,14 @@ class IngestSettings:
     parallel_pieces: int
 
 
+class _VersionChanged(Exception):
+    """The staging file changed under the ingest (it was truncated); its next seal re-queues it."""
+
+
 def _read_and_hash(fd: int, piece: Piece) -> tuple[bytes, ChunkId]:
     data = os.pread(fd, piece.length, piece.offset)
     if len(data) != piece.length:
-        raise OSError(f"short read from staging file at {piece.offset}")
+        raise _VersionChanged(f"short read at offset {piece.offset}")
     return data, chunk_id(data)
 
 
@@ -76,6 +80,7 @@ class Ingester:
         self.settings = settings
         self._send, self._recv = trio.open_memory_channel[tuple[InodeId, VersionId]](math.inf)
         self._queued: set[VersionId] = set()
+        self._again: set[VersionId] = set()
         self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -85,6 +90,7 @@ class Ingester:
     def submit(self, inode: InodeId, vid: VersionId) -> None:
         """Queue a sealed version (idempotent while queued). No checkpoint; callable from any trio task."""
         if vid in self._queued:
+            self._again.add(vid)  # sealed again while queued or running: run once more afterwards
             return
         self._queued.add(vid)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -113,6 +119,8 @@ class Ingester:
             try:
                 await self._ingest(inode, vid)
                 retries.pop(vid, None)
+            except _VersionChanged as exc:
+                log.debug("version %d changed during ingest (%s)", vid, exc)
             except (CacheFull, OSError) as exc:
                 retries[vid] += 1
                 delay = min(60.0, 2.0 ** retries[vid])
@@ -123,6 +131,9 @@ class Ingester:
             finally:
                 self._busy -= 1
                 self._queued.discard(vid)
+                if vid in self._again:
+                    self._again.discard(vid)
+                    self.submit(inode, vid)
                 if not self._queued:
                     self._idle.set()
 

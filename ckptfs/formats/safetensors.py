@@ -32,11 +32,14 @@ def safetensors_records(fd: int, file_size: int) -> list[Record] | None:
     """Return one record per tensor (absolute offsets), or ``None`` if this is not a safetensors file."""
     if file_size < 10:
         return None
-    (hlen,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    head = os.pread(fd, 8, 0)
+    if len(head) != 8:
+        return None
+    (hlen,) = struct.unpack("<Q", head)
     if hlen < 2 or hlen > _MAX_HEADER or 8 + hlen > file_size:
         return None
     raw = os.pread(fd, hlen, 8)
-    if not raw.lstrip().startswith(b"{"):
+    if len(raw) != hlen or not raw.lstrip().startswith(b"{"):
         return None
     try:
         header = json.loads(raw)

@@ -68,9 +68,9 @@ def torchzip_records(fd: int, file_size: int) -> list[Record] | None:
 
     ``None`` also for zips that torch did not write as stored records (anything compressed).
     """
-    if file_size < 22 or _pread(fd, 4, 0) != _LFH:
-        return None
     try:
+        if file_size < 22 or _pread(fd, 4, 0) != _LFH:
+            return None
         cd_off, cd_size, count = _directory(fd, file_size)
         if cd_off + cd_size > file_size or count > 10_000_000:
             return None

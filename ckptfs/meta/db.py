@@ -22,9 +22,10 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
--- One row per file, directory or symlink. The root directory is inode 1.
+-- One row per file, directory or symlink. The root directory is inode 1. AUTOINCREMENT: an id is
+-- never reused, so a late kernel reference or a finishing ingest job can never hit a newer object.
 CREATE TABLE IF NOT EXISTS inodes (
-    id       INTEGER PRIMARY KEY,
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
     mode     INTEGER NOT NULL,           -- st_mode: type and permission bits
     uid      INTEGER NOT NULL,
     gid      INTEGER NOT NULL,
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS dirents (
 CREATE INDEX IF NOT EXISTS dirents_inode ON dirents (inode);
 -- Versions of a file's contents.
 CREATE TABLE IF NOT EXISTS versions (
-    id         INTEGER PRIMARY KEY,
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
     inode      INTEGER NOT NULL,
     state      TEXT NOT NULL,            -- 'staged' | 'local' | 'remote' (types.VersionState)
     size       INTEGER NOT NULL DEFAULT 0,

@@ -1,0 +1,169 @@
+"""Shared fixtures: a real ckptfs mount in a subprocess (``mount``/``mount_factory``).
+
+In CI, ``CKPTFS_TEST_DISALLOW_SKIP=fuse`` turns "FUSE not available" skips into failures, so a
+broken environment cannot pass by skipping everything (restic's ``SkipDisallowed``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fuse_problem() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse cannot be opened: {exc}"
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        return "not root and fusermount3 is missing"
+    return None
+
+
+def _skip_or_fail(kind: str, reason: str) -> None:
+    disallowed = {s.strip() for s in os.environ.get("CKPTFS_TEST_DISALLOW_SKIP", "").split(",")}
+    if kind in disallowed:
+        pytest.fail(f"{kind} tests may not be skipped here (CKPTFS_TEST_DISALLOW_SKIP): {reason}")
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "e2e" in item.nodeid.split("/"):
+            item.add_marker(pytest.mark.fuse)
+
+
+@pytest.fixture(autouse=True)
+def _require_fuse(request):
+    if request.node.get_closest_marker("fuse"):
+        problem = _fuse_problem()
+        if problem:
+            _skip_or_fail("fuse", problem)
+
+
+class Mount:
+    """A ckptfs daemon in a subprocess (``ckptfs mount --foreground``) and its mountpoint."""
+
+    def __init__(self, base: Path, env: dict[str, str] | None = None, cache: Path | None = None) -> None:
+        self.base = base
+        self.mnt = base / "mnt"
+        self.cache = cache or base / "cache"
+        self.store = base / "store"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logfile = base / "daemon.log"
+        self.expect_errors = False
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "ckptfs", *args], capture_output=True, text=True,
+                             env=self.env, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"ckptfs {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def start(self) -> Mount:
+        assert self.proc is None
+        log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ckptfs", "mount", "--foreground", "--cache", str(self.cache),
+             "--store", f"file://{self.store}", str(self.mnt)],
+            stdout=log, stderr=log, env=self.env,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mount did not come up:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def path(self, *parts: str) -> Path:
+        return self.mnt.joinpath(*parts)
+
+    def umount(self, timeout: float = 120) -> None:
+        """Clean unmount: the daemon must exit 0 and log no error."""
+        assert self.proc is not None
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=True, capture_output=True)
+        rc = self.proc.wait(timeout=timeout)
+        self.proc = None
+        text = self.log()
+        assert rc == 0, f"daemon exited with {rc}:\n{text}"
+        if not self.expect_errors:
+            bad = [ln for ln in text.splitlines() if " ERROR " in ln or " CRITICAL " in ln or "Traceback" in ln]
+            assert not bad, "daemon logged errors:\n" + "\n".join(bad)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc = None
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+
+    def cleanup(self) -> None:
+        if os.path.ismount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def state(self, rel: str) -> str:
+        return os.getxattr(self.path(rel), "user.ckptfs.state").decode()
+
+    def wait_local(self, *rels: str, timeout: float = 120) -> None:
+        """Wait until every file named has been ingested (state ``local``)."""
+        deadline = time.monotonic() + timeout
+        for rel in rels:
+            while self.state(rel) != "local":
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{rel} still {self.state(rel)} after {timeout}s:\n{self.log()}")
+                time.sleep(0.05)
+
+    def stats(self, rel: str = "") -> dict:
+        import json
+
+        res = self.cli("stats", "--json", str(self.path(rel)) if rel else str(self.mnt))
+        return json.loads(res.stdout)
+
+
+@pytest.fixture
+def mount_factory(tmp_path):
+    mounts: list[Mount] = []
+
+    def make(env: dict[str, str] | None = None, cache: Path | None = None, start: bool = True) -> Mount:
+        m = Mount(tmp_path / f"m{len(mounts)}", env, cache)
+        mounts.append(m)
+        return m.start() if start else m
+
+    yield make
+    for m in mounts:
+        m.cleanup()
+
+
+@pytest.fixture
+def mount(mount_factory):
+    m = mount_factory()
+    yield m
+    if m.proc is not None:
+        m.umount()
