@@ -43,9 +43,11 @@ def plan_records(records: list[Record], file_size: int, piece_size: int) -> list
     pieces: list[Piece] = []
     cursor = 0
     prev = "~head"
+    last_end = 0
     for rec in sorted(records, key=lambda r: r.offset):
-        if rec.offset < cursor or rec.offset + rec.length > file_size:
+        if rec.offset < last_end or rec.offset + rec.length > file_size:
             raise ValueError(f"record {rec.name} overlaps another or runs past the end")
+        last_end = rec.offset + rec.length
         if rec.length < MIN_RECORD:
             continue
         if rec.offset > cursor:

@@ -1,0 +1,95 @@
+"""Faults: a full cache disk, a corrupt chunk. Clear errors, nothing committed is lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import digest
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    path = tmp_path / "smallcache"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.slow
+def test_full_cache_disk_gives_enospc_and_keeps_committed_files(mount_factory, small_cache, tmp_path):
+    m = mount_factory(cache=small_cache, env={"CKPTFS_CACHE_RESERVE_MB": "2"})
+    m.expect_errors = True
+    kept = {}
+    for i in range(3):
+        data = os.urandom(6 << 20)
+        m.path(f"ok{i}.bin").write_bytes(data)
+        kept[f"ok{i}.bin"] = data
+    m.wait_local(*kept)
+    with pytest.raises(OSError) as e:
+        for i in range(100):
+            m.path(f"fill{i}.bin").write_bytes(os.urandom(4 << 20))
+    assert e.value.errno == errno.ENOSPC
+    # The mount keeps serving reads and metadata operations.
+    for name, data in kept.items():
+        assert m.path(name).read_bytes() == data
+    assert "ok0.bin" in os.listdir(m.mnt)
+    # Deleting files frees room; writing works again.
+    for name in os.listdir(m.mnt):
+        if name.startswith("fill"):
+            os.unlink(m.path(name))
+    fresh = os.urandom(3 << 20)
+    m.path("after.bin").write_bytes(fresh)
+    m.wait_local("after.bin", *kept)
+    m.umount()
+    m.start()
+    for name, data in {**kept, "after.bin": fresh}.items():
+        assert m.path(name).read_bytes() == data
+    m.umount()
+
+
+def _chunk_files(cache):
+    return sorted(p for p in (cache / "chunks").rglob("*") if p.is_file())
+
+
+def test_flipped_byte_in_stored_chunk_gives_eio(mount_factory):
+    m = mount_factory()
+    m.expect_errors = True
+    data = os.urandom(2 << 20)  # incompressible: stored raw, one CDC chunk region at least
+    m.path("victim.bin").write_bytes(data)
+    m.wait_local("victim.bin")
+    m.umount()
+    chunks = _chunk_files(m.cache)
+    assert chunks
+    victim = chunks[0]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    m.start()
+    with pytest.raises(OSError) as e:
+        m.path("victim.bin").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert "corrupt chunk" in m.log()
+    res = m.cli("fsck", "--cache", str(m.cache), "--verify-data", check=False)
+    assert res.returncode == 1 and "corrupt" in res.stdout
+    m.umount()
+
+
+def test_committed_files_survive_unmount_remount_many_times(mount_factory):
+    m = mount_factory()
+    files = {}
+    for round_ in range(3):
+        for i in range(3):
+            data = os.urandom(1000 * (round_ + 1) * (i + 1))
+            m.path(f"r{round_}_{i}").write_bytes(data)
+            files[f"r{round_}_{i}"] = data
+        m.umount()
+        m.start()
+        for name, data in files.items():
+            assert m.path(name).read_bytes() == data
+    assert digest(m.path("r0_0")) == digest(m.path("r0_0"))
+    m.umount()
