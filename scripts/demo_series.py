@@ -7,6 +7,7 @@ each save blocked the trainer.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -40,12 +41,12 @@ def main() -> int:
         torch.save(state, path)
         blocked = time.perf_counter() - t0
         torch.save(state, root / "latest.pt")  # the overwrite-latest pattern
-        saved.append((path, state))
+        saved.append((path, copy.deepcopy(state["model"])))
         print(f"saved {path.name}: {path.stat().st_size / 1e6:.1f} MB, torch.save blocked {blocked:.3f} s,"
               f" state {os.getxattr(path, 'user.ckptfs.state').decode()}")
-    for path, state in saved:
+    for path, weights in saved:
         loaded = torch.load(path)
-        for k, v in state["model"].items():
+        for k, v in weights.items():
             assert torch.equal(v, loaded["model"][k]), f"{path}: {k} differs"
     print("every checkpoint loads back bit-exact")
     t0 = time.perf_counter()
