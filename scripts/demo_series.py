@@ -53,7 +53,8 @@ def main() -> int:
     for path in [p for p, _ in saved] + [root / "latest.pt"]:
         while os.getxattr(path, "user.ckptfs.state") == b"staged":
             time.sleep(0.05)
-    print(f"all checkpoints chunked, deduplicated and compressed ({time.perf_counter() - t0:.1f} s after the last save)")
+    waited = time.perf_counter() - t0
+    print(f"all checkpoints chunked, deduplicated and compressed ({waited:.1f} s after the last save)")
     return 0
 
 
