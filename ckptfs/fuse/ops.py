@@ -82,7 +82,7 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_nlink = attr.nlink
     e.st_uid = attr.uid
     e.st_gid = attr.gid
-    e.st_rdev = 0
+    e.st_rdev = attr.rdev
     e.st_size = attr.size
     e.st_blksize = 131072
     e.st_blocks = (attr.size + 511) // 512
@@ -146,7 +146,9 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return _entry(self.tree.mknod(InodeId(parent_inode), bytes(name), mode & ~ctx.umask, ctx.uid, ctx.gid))
+        return _entry(
+            self.tree.mknod(InodeId(parent_inode), bytes(name), mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
+        )
 
     @_edge
     async def mkdir(
@@ -191,7 +193,7 @@ class Operations(pyfuse3.Operations):
     async def link(
         self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)  # hard links are not supported (see README)
+        return _entry(self.tree.link(InodeId(inode), InodeId(new_parent_inode), bytes(new_name)))
 
     @_edge
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> pyfuse3.FileInfo:

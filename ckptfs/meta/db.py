@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     atime_ns INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
+    rdev     INTEGER NOT NULL DEFAULT 0, -- device number of character/block device nodes
     target   BLOB,                       -- symlink target
     version  INTEGER                     -- current version of a regular file (NULL = empty, never written)
 );

@@ -4,8 +4,8 @@ Trio thread only. Every mutating method is a run of SQLite statements with no ch
 atomic with respect to every other request, except where a docstring says it awaits (opening a file
 for writing may copy committed content into a staging file first).
 
-Known gaps (documented in the README): hard links are refused (EPERM); device nodes, FIFOs and
-sockets are refused (EPERM); '.' and '..' are not listed by readdir (the kernel resolves them).
+Known gaps (documented in the README): hard links to directories are refused (EPERM, as
+everywhere); '.' and '..' are not listed by readdir (the kernel resolves them).
 Lookup counts live in memory: after a restart, inodes without a directory entry are purged.
 """
 
@@ -27,7 +27,7 @@ from ckptfs.types import InodeId, VersionState
 log = logging.getLogger(__name__)
 ROOT = InodeId(1)
 NAME_MAX = 255
-_ATTR_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns"
+_ATTR_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev"
 
 
 @dataclass(slots=True)
@@ -41,6 +41,7 @@ class Attr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    rdev: int = 0
 
 
 @dataclass(slots=True)
@@ -69,8 +70,8 @@ class Tree:
         if self.db.one("SELECT 1 FROM inodes WHERE id=?", (ROOT,)) is None:
             now = time.time_ns()
             self.db.execute(
-                f"INSERT INTO inodes ({_ATTR_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                (ROOT, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, now, now, now),
+                f"INSERT INTO inodes ({_ATTR_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (ROOT, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), 2, 0, now, now, now, 0),
             )
 
     # -- attributes ----------------------------------------------------------------------------
@@ -158,7 +159,9 @@ class Tree:
 
     # -- creating ------------------------------------------------------------------------------
 
-    def _new_inode(self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int, target: bytes | None) -> Attr:
+    def _new_inode(
+        self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int, target: bytes | None, rdev: int = 0
+    ) -> Attr:
         _check_name(name)
         self._dir(parent)
         if self._child(parent, name) is not None:
@@ -167,8 +170,8 @@ class Tree:
         nlink = 2 if stat.S_ISDIR(mode) else 1
         with self.db.transaction() as c:  # atomic: no await until commit
             ino = c.execute(
-                f"INSERT INTO inodes ({_ATTR_COLS[4:]}, target) VALUES (?,?,?,?,?,?,?,?,?)",
-                (mode, uid, gid, nlink, len(target or b""), now, now, now, target),
+                f"INSERT INTO inodes ({_ATTR_COLS[4:]}, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (mode, uid, gid, nlink, len(target or b""), now, now, now, rdev, target),
             ).lastrowid
             c.execute("INSERT INTO dirents (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
             bump = 1 if stat.S_ISDIR(mode) else 0
@@ -180,10 +183,30 @@ class Tree:
     def mkdir(self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         return self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid, None)
 
-    def mknod(self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        if not stat.S_ISREG(mode):
-            raise PosixError(errno.EPERM, "only regular files, directories and symlinks are supported")
-        return self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, None)
+    def mknod(self, parent: InodeId, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        """Regular files, FIFOs, sockets and device nodes (the kernel serves the special ones itself)."""
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise PosixError(errno.EINVAL)
+        dev = rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        return self._new_inode(parent, name, kind | (mode & 0o7777), uid, gid, None, dev)
+
+    def link(self, ino: InodeId, parent: InodeId, name: bytes) -> Attr:
+        """A hard link: one more entry for a non-directory inode."""
+        _check_name(name)
+        self._dir(parent)
+        attr = self.getattr(ino)
+        if stat.S_ISDIR(attr.mode):
+            raise PosixError(errno.EPERM)
+        if self._child(parent, name) is not None:
+            raise PosixError(errno.EEXIST)
+        now = time.time_ns()
+        with self.db.transaction() as c:  # atomic: no await until commit
+            c.execute("INSERT INTO dirents (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
+            c.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (now, ino))
+            c.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, parent))
+        self._lookups[ino] += 1
+        return self.getattr(ino)
 
     def symlink(self, parent: InodeId, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         return self._new_inode(parent, name, stat.S_IFLNK | 0o777, uid, gid, target)
@@ -300,8 +323,8 @@ class Tree:
             if dst is not None:
                 c.execute("DELETE FROM dirents WHERE parent=? AND name=?", (p_new, n_new))
                 c.execute(
-                    "UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?",
-                    (0, now, dst),
+                    "UPDATE inodes SET nlink=CASE WHEN ? THEN 0 ELSE nlink-1 END, ctime_ns=? WHERE id=?",
+                    (dst_dir, now, dst),
                 )
                 if src_dir:  # the replaced empty directory's '..' link goes away
                     c.execute("UPDATE inodes SET nlink=nlink-1 WHERE id=?", (p_new,))

@@ -145,8 +145,6 @@ def test_symlink_chmod_chown_utime_xattr_statfs(mount):
     assert e.value.errno == errno.ENODATA
     with pytest.raises(PermissionError):
         os.setxattr(target, "user.ckptfs.state", b"remote")
-    with pytest.raises(PermissionError):  # hard links are refused (see README)
-        os.link(target, mount.path("hard"))
     sv = os.statvfs(mount.mnt)
     assert sv.f_blocks > 0 and sv.f_namemax == 255
 
@@ -181,3 +179,35 @@ def test_cp_tar_rsync_du(mount, tmp_path):
         subprocess.run(["diff", "-r", "--no-dereference", str(src), str(mount.path(d))], check=True)
     out = subprocess.run(["du", "-sb", str(mount.path("cp"))], check=True, capture_output=True, text=True)
     assert int(out.stdout.split()[0]) >= 306_000
+
+
+def test_hard_links_and_special_files(mount):
+    a = mount.path("a")
+    a.write_bytes(b"one")
+    os.link(a, mount.path("b"))
+    assert os.stat(a).st_nlink == 2 and os.stat(a).st_ino == os.stat(mount.path("b")).st_ino
+    with open(mount.path("b"), "ab") as f:
+        f.write(b"+two")
+    assert a.read_bytes() == b"one+two"
+    os.unlink(a)
+    assert mount.path("b").read_bytes() == b"one+two" and os.stat(mount.path("b")).st_nlink == 1
+    os.link(mount.path("b"), mount.path("c"))
+    mount.path("d").write_bytes(b"d")
+    os.replace(mount.path("d"), mount.path("c"))  # replacing one of two links leaves the other
+    assert mount.path("b").read_bytes() == b"one+two" and os.stat(mount.path("b")).st_nlink == 1
+    mount.path("dir").mkdir()
+    with pytest.raises(PermissionError):
+        os.link(mount.path("dir"), mount.path("dir2"))
+    with pytest.raises(FileExistsError):
+        os.link(mount.path("b"), mount.path("c"))
+    os.mkfifo(mount.path("fifo"))
+    assert stat.S_ISFIFO(os.stat(mount.path("fifo")).st_mode)
+    os.mknod(mount.path("null"), 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    st = os.stat(mount.path("null"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    mount.umount()
+    mount.start()
+    assert stat.S_ISFIFO(os.stat(mount.path("fifo")).st_mode)
+    assert mount.path("b").read_bytes() == b"one+two"
+    res = mount.cli("fsck", "--cache", str(mount.cache))
+    assert "0 problems" in res.stdout, res.stdout
