@@ -146,9 +146,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return _entry(
-            self.tree.mknod(InodeId(parent_inode), bytes(name), mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
-        )
+        return _entry(self.tree.mknod(InodeId(parent_inode), bytes(name), mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
 
     @_edge
     async def mkdir(
