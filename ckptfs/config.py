@@ -56,6 +56,8 @@ class IngestConfig:
     piece_mb: int = 4  # size of the fixed pieces a tensor record is cut into
     cdc_avg_kb: int = 1024  # average content-defined chunk size for unparsed files
     nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority
+    max_chain: int = 1  # deltas a read decodes at most (1 = every delta is against a keyframe; 0 = no delta)
+    base_grace_s: int = 600  # a deleted file's chunks stay usable as delta bases this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,10 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config: ingest.cdc_avg_kb must be within 64..4096, got {ing.cdc_avg_kb}")
     if ing.threads < 0 or ing.files_at_once < 1:
         raise UserError("config: ingest.threads must be >= 0 and ingest.files_at_once >= 1")
+    if not 0 <= ing.max_chain <= 16:
+        raise UserError(f"config: ingest.max_chain must be within 0..16, got {ing.max_chain}")
+    if ing.base_grace_s < 0:
+        raise UserError("config: ingest.base_grace_s must be >= 0")
     if not 0 <= ing.nice <= 19:
         raise UserError(f"config: ingest.nice must be within 0..19, got {ing.nice}")
     if ing.threads == 0:

@@ -122,7 +122,8 @@ class _Components:
     def __init__(self, cfg: Config) -> None:
         cache_dir = cfg.cache.dir
         self.db = Database(Path(cache_dir) / DB_NAME)
-        self.cache = ChunkCache(cache_dir)
+        # Ingest stops at half the reserve, so namespace operations (unlink to free space!) still fit.
+        self.cache = ChunkCache(cache_dir, min_free=cfg.cache.reserve_mb * MiB // 2)
         self.cache.sweep_tmp()
         self.workers = Workers.create(cfg.ingest.threads, cfg.ingest.nice)
         self.chunks = ChunkIndex(self.db, self.cache)
@@ -134,6 +135,8 @@ class _Components:
             zstd_level=cfg.ingest.zstd_level,
             files_at_once=cfg.ingest.files_at_once,
             parallel_pieces=max(2, cfg.ingest.threads * 2),
+            max_chain=cfg.ingest.max_chain,
+            base_grace_s=cfg.ingest.base_grace_s,
         )
         self.contents = FileContents(
             self.db,

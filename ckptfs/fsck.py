@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptfs.cache import ChunkCache
-from ckptfs.codec import decode, parse_header
+from ckptfs.codec import parse_header
 from ckptfs.errors import CorruptChunk, NotFound
+from ckptfs.files.reader import fetch_and_decode
 from ckptfs.types import ChunkId
 
 
@@ -137,7 +138,14 @@ def _check_chunks(
     repair: bool,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    uses = Counter({bytes(c): int(n) for c, n in conn.execute("SELECT chunk, count(*) FROM extents GROUP BY chunk")})
+    uses: Counter[bytes] = Counter()
+    for sql in (
+        "SELECT chunk, count(*) FROM extents GROUP BY chunk",
+        "SELECT base, count(*) FROM chunks WHERE base IS NOT NULL GROUP BY base",
+        "SELECT chunk, count(*) FROM slot_index GROUP BY chunk",
+    ):
+        for c, n in conn.execute(sql):
+            uses[bytes(c)] += int(n)
     rows = conn.execute("SELECT id, refcount, raw_len FROM chunks").fetchall()
     known = set()
     for i, (cid_b, refcount, raw_len) in enumerate(rows):
@@ -147,20 +155,22 @@ def _check_chunks(
         if progress:
             progress(i + 1, len(rows))
         if refcount != uses.get(cid, 0):
-            rep.problems.append(f"chunk {cid.hex()}: refcount {refcount} but {uses.get(cid, 0)} extents use it")
+            rep.problems.append(
+                f"chunk {cid.hex()}: refcount {refcount} but {uses.get(cid, 0)} extents, deltas and slots use it"
+            )
         try:
             frame = cache.get(cid)
             hdr = parse_header(frame)
             if hdr.raw_len != raw_len:
                 raise CorruptChunk(f"header says {hdr.raw_len} bytes, metadata {raw_len}")
             if verify:
-                decode(frame, cid)
+                fetch_and_decode(cache, cid)
         except NotFound:
             rep.problems.append(f"chunk {cid.hex()}: file missing from the cache")
         except CorruptChunk as exc:
             rep.problems.append(f"chunk {cid.hex()}: corrupt ({exc})")
-    for cid in set(ChunkId(c) for c in uses) - known:
-        rep.problems.append(f"chunk {cid.hex()}: used by extents but has no metadata row")
+    for cid in {ChunkId(c) for c in uses} - known:
+        rep.problems.append(f"chunk {cid.hex()}: referenced but has no metadata row")
     if cache.root.exists():
         for cid in cache.iter_ids():
             if cid not in known:

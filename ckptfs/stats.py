@@ -10,7 +10,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptfs.codec import Codec
+
 ROOT = 1
+DELTA_CODEC = int(Codec.DELTA_GROUPED_ZSTD)
+CODEC_NAMES = {int(Codec.RAW): "raw", int(Codec.ZSTD): "zstd", int(Codec.GROUPED_ZSTD): "grouped", DELTA_CODEC: "delta"}
 
 
 @dataclass(slots=True)
@@ -23,7 +27,22 @@ class Usage:
     chunked: int = 0  # logical bytes of chunked files
     unique_raw: int = 0  # plain bytes of the distinct chunks those files use
     stored: int = 0  # encoded bytes of those distinct chunks on disk
+    delta_raw: int = 0  # plain bytes of the distinct delta-coded chunks among them
+    delta_stored: int = 0  # their encoded bytes
+    base_only: int = 0  # encoded bytes of chunks kept only as delta bases (whole filesystem only)
     _seen: set[bytes] = field(default_factory=set, repr=False)
+
+    @property
+    def saved_by_dedup(self) -> int:
+        return self.chunked - self.unique_raw
+
+    @property
+    def saved_by_delta(self) -> int:
+        return self.delta_raw - self.delta_stored
+
+    @property
+    def saved_by_compression(self) -> int:
+        return (self.unique_raw - self.delta_raw) - (self.stored - self.delta_stored)
 
     @property
     def dedup_ratio(self) -> float:
@@ -35,7 +54,7 @@ class Usage:
 
     @property
     def stored_total(self) -> int:
-        return self.stored + self.staged
+        return self.stored + self.staged + self.base_only
 
     @property
     def ratio(self) -> float:
@@ -72,7 +91,10 @@ def _resolve(conn: sqlite3.Connection, rel: str) -> int:
 def usage(conn: sqlite3.Connection, rel: str = "") -> tuple[Usage, dict[str, Usage]]:
     """(total of the subtree at ``rel``, per-directory usage keyed by path relative to the mount root)."""
     start = _resolve(conn, rel)
-    chunk_info = {bytes(r[0]): (int(r[1]), int(r[2])) for r in conn.execute("SELECT id, raw_len, stored FROM chunks")}
+    chunk_info = {
+        bytes(r[0]): (int(r[1]), int(r[2]), int(r[3]))
+        for r in conn.execute("SELECT id, raw_len, stored, codec FROM chunks")
+    }
     total = Usage()
     per_dir: dict[str, Usage] = {}
     stack: list[tuple[int, str]] = [(start, rel.strip("/"))]
@@ -104,10 +126,77 @@ def usage(conn: sqlite3.Connection, rel: str = "") -> tuple[Usage, dict[str, Usa
                 u.chunked += size
             for (cid,) in conn.execute("SELECT DISTINCT chunk FROM extents WHERE version=?", (vid,)):
                 cid = bytes(cid)
-                raw, stored = chunk_info.get(cid, (0, 0))
+                raw, stored, codec = chunk_info.get(cid, (0, 0, 0))
                 for u in (here, total):
                     if cid not in u._seen:
                         u._seen.add(cid)
                         u.unique_raw += raw
                         u.stored += stored
+                        if codec == DELTA_CODEC:
+                            u.delta_raw += raw
+                            u.delta_stored += stored
+    if start == ROOT:
+        total.base_only = sum(v[1] for k, v in chunk_info.items() if k not in total._seen)
     return total, per_dir
+
+
+@dataclass(slots=True)
+class VersionInfo:
+    path: str
+    version: int | None
+    state: str
+    size: int
+    layout: str | None = None
+    base_version: int | None = None
+    base_path: str | None = None  # where the base version's file is now (None when deleted)
+    codecs: dict[str, int] = field(default_factory=dict)  # chunks per codec
+    stored: int = 0  # encoded bytes of the version's distinct chunks
+
+
+def versions(conn: sqlite3.Connection, rel: str = "") -> list[VersionInfo]:
+    """Every file under ``rel`` (or the file itself) with its version, state, base and codec mix."""
+    start = _resolve(conn, rel)
+    names = {int(c): bytes(n).decode(errors="replace") for c, n in conn.execute("SELECT inode, name FROM dirents")}
+    parents = {int(c): int(p) for c, p in conn.execute("SELECT inode, parent FROM dirents")}
+
+    def path_of(ino: int) -> str:
+        parts = []
+        while ino != ROOT and ino in names:
+            parts.append(names[ino])
+            ino = parents[ino]
+        return "/".join(reversed(parts))
+
+    targets: list[int] = []
+    stack = [start]
+    while stack:
+        ino = stack.pop()
+        mode = conn.execute("SELECT mode FROM inodes WHERE id=?", (ino,)).fetchone()[0]
+        if stat.S_ISREG(mode):
+            targets.append(ino)
+        elif stat.S_ISDIR(mode):
+            stack += [int(c) for (c,) in conn.execute("SELECT inode FROM dirents WHERE parent=?", (ino,))]
+    out: list[VersionInfo] = []
+    for ino in sorted(targets, key=path_of):
+        v = conn.execute(
+            "SELECT v.id, v.state, v.size, v.layout, v.base_version, v.base_inode FROM inodes i"
+            " JOIN versions v ON v.id = i.version WHERE i.id=?",
+            (ino,),
+        ).fetchone()
+        if v is None:
+            out.append(VersionInfo(path_of(ino), None, "empty", 0))
+            continue
+        mix = {
+            CODEC_NAMES.get(int(codec), str(codec)): int(n)
+            for codec, n in conn.execute(
+                "SELECT c.codec, count(*) FROM extents e JOIN chunks c ON c.id = e.chunk WHERE e.version=?"
+                " GROUP BY c.codec",
+                (v[0],),
+            )
+        }
+        stored = conn.execute(
+            "SELECT coalesce(sum(stored), 0) FROM chunks WHERE id IN (SELECT chunk FROM extents WHERE version=?)",
+            (v[0],),
+        ).fetchone()[0]
+        base_path = path_of(v[5]) if v[5] is not None and v[5] in names else None
+        out.append(VersionInfo(path_of(ino), v[0], v[1], v[2], v[3], v[4], base_path, mix, int(stored)))
+    return out

@@ -31,8 +31,9 @@ from ckptfs.types import ChunkId
 class ChunkCache:
     """Immutable chunk frames stored one file each. Thread-safe (no shared mutable state)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, min_free: int = 0) -> None:
         self.root = Path(root) / "chunks"
+        self.min_free = min_free  # put() leaves at least this much free space for metadata
         for i in range(256):
             (self.root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
 
@@ -46,6 +47,10 @@ class ChunkCache:
         Idempotent: storing an existing id again rewrites identical bytes. Raises ``CacheFull`` on ENOSPC.
         """
         final = self.path(cid)
+        if self.min_free:
+            st = os.statvfs(self.root)
+            if st.f_bavail * st.f_frsize - len(frame) < self.min_free:
+                raise CacheFull(f"cache disk is nearly full; not storing chunk {cid.hex()}")
         tmp = final.with_name(final.name + f".{os.getpid()}.{id(frame):x}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -140,19 +141,50 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"total": total.as_dict(), "dirs": {k: v.as_dict() for k, v in sorted(per_dir.items())}}))
         return 0
-    cols = ("files", 6), ("logical", 11), ("stored", 11), ("staged", 11), ("dedup", 6), ("compr", 6), ("ratio", 6)
-    print(f"{'directory':<40} " + " ".join(f"{name:>{width}}" for name, width in cols))
+    cols = [("files", 6), ("logical", 10), ("stored", 10), ("staged", 10), ("-dedup", 10), ("-delta", 10)]
+    cols += [("-compr", 10), ("ratio", 7)]
+    print(f"{'directory':<36} " + " ".join(f"{name:>{width}}" for name, width in cols))
+
+    def row(name: str, u: stats.Usage) -> None:
+        print(
+            f"{name[-36:]:<36} {u.files:>6} {_human(u.logical):>10} {_human(u.stored_total):>10}"
+            f" {_human(u.staged):>10} {_human(u.saved_by_dedup):>10} {_human(u.saved_by_delta):>10}"
+            f" {_human(u.saved_by_compression):>10} {u.ratio:>6.2f}x"
+        )
+
     for name, u in sorted(per_dir.items()):
         if u.files:
-            print(
-                f"{name[-40:]:<40} {u.files:>6} {_human(u.logical):>11} {_human(u.stored_total):>11}"
-                f" {_human(u.staged):>11} {u.dedup_ratio:>5.2f}x {u.compression_ratio:>5.2f}x {u.ratio:>5.2f}x"
-            )
-    u = total
-    print(
-        f"{'TOTAL':<40} {u.files:>6} {_human(u.logical):>11} {_human(u.stored_total):>11}"
-        f" {_human(u.staged):>11} {u.dedup_ratio:>5.2f}x {u.compression_ratio:>5.2f}x {u.ratio:>5.2f}x"
-    )
+            row(name, u)
+    row("TOTAL", total)
+    if total.base_only:
+        print(f"(stored includes {_human(total.base_only)} of chunks kept only as delta bases of other files)")
+    print("-dedup/-delta/-compr: bytes saved by deduplication, by delta coding, by compression")
+    return 0
+
+
+def cmd_ls_versions(args: argparse.Namespace) -> int:
+    cache_dir, rel = _cache_for(args)
+    db = Path(cache_dir) / daemon.DB_NAME
+    if not db.exists():
+        raise UserError(f"no ckptfs metadata in {cache_dir}")
+    conn = stats.open_readonly(db)
+    try:
+        rows = stats.versions(conn, rel)
+    except FileNotFoundError:
+        raise UserError(f"{rel} does not exist in the filesystem") from None
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return 0
+    print(f"{'path':<44} {'version':>7} {'state':<7} {'size':>10} {'stored':>10} {'base':<30} codecs")
+    for r in rows:
+        base = "-" if not r.base_version else f"v{r.base_version} {r.base_path or '(deleted)'}"
+        codecs = " ".join(f"{k}:{v}" for k, v in sorted(r.codecs.items()))
+        print(
+            f"{r.path[-44:]:<44} {str(r.version):>7} {r.state:<7} {_human(r.size):>10}"
+            f" {_human(r.stored):>10} {base[-30:]:<30} {codecs}"
+        )
     return 0
 
 
@@ -205,6 +237,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("path", nargs="?", help="a path inside a mount (default: the whole filesystem)")
     s.set_defaults(func=cmd_stats)
+
+    lv = sub.add_parser("ls-versions", help="each file's version: state, layout, delta base, codec mix")
+    common(lv)
+    lv.add_argument("--json", action="store_true", help="machine-readable output")
+    lv.add_argument("path", nargs="?", help="a file or directory inside a mount (default: everything)")
+    lv.set_defaults(func=cmd_ls_versions)
 
     f = sub.add_parser("fsck", help="check metadata and chunks; exit 1 on a problem")
     common(f)

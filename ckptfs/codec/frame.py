@@ -8,7 +8,7 @@ Layout (little endian)::
     width     B    element width used for byte grouping (0 = none)
     flags     B    reserved, 0
     raw_len   Q    length of the decoded bytes
-    base      16s  chunk id of the delta base (zeros when none)
+    base      16s  chunk id of the delta base (zeros when none; set only for DELTA_GROUPED_ZSTD)
     pay_len   Q    length of the payload that follows
     checksum  Q    xxh3-64 of the header's first 40 bytes and the payload
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import zstandard
 
 from ckptfs.codec.hashing import checksum64, chunk_id
-from ckptfs.codec.transform import group_bytes, ungroup_bytes
+from ckptfs.codec.transform import best_candidate, group_bytes, ungroup_bytes, xor_bytes
 from ckptfs.errors import CorruptChunk
 from ckptfs.types import ChunkId
 
@@ -43,6 +43,7 @@ class Codec(enum.IntEnum):
     RAW = 0
     ZSTD = 1
     GROUPED_ZSTD = 2  # byte planes of `width`-byte elements, then zstd
+    DELTA_GROUPED_ZSTD = 3  # XOR with the base chunk's plain bytes, byte planes, zstd
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,26 +61,38 @@ def _pack(codec: Codec, width: int, raw_len: int, base: bytes, payload: bytes | 
     return prefix + struct.pack("<Q", checksum64(prefix, payload)) + bytes(payload)
 
 
-def encode(data: bytes | memoryview, level: int = 3, width: int = 0) -> tuple[bytes, Codec]:
-    """Encode ``data`` into a frame, choosing the smallest of raw, zstd and (if ``width`` > 1) grouped zstd.
+def encode(
+    data: bytes | memoryview,
+    level: int = 3,
+    width: int = 0,
+    base: tuple[ChunkId, bytes | memoryview] | None = None,
+) -> tuple[bytes, Codec]:
+    """Encode ``data`` into a frame: raw, zstd, byte-grouped zstd or — when ``base`` = (id, plain bytes)
+    of the same length is given — XOR with the base, byte-grouped, zstd.
 
+    The candidates (plain or XOR'd; element width 1/2/4, or the ``width`` the format told) are ranked on
+    a sample, the winner is compressed whole, and the frame falls back to raw when that does not help.
     Worker-thread safe (creates its own compressor). Returns the frame and the codec chosen.
     """
     raw_len = len(data)
-    cctx = zstandard.ZstdCompressor(level=level)
-    best_codec, best_payload = Codec.RAW, data
-    if raw_len:
-        candidate = cctx.compress(data)
-        if len(candidate) < len(best_payload):
-            best_codec, best_payload = Codec.ZSTD, candidate
-        if width > 1 and raw_len % width == 0:
-            grouped = cctx.compress(group_bytes(data, width))
-            if len(grouped) < len(best_payload):
-                best_codec, best_payload = Codec.GROUPED_ZSTD, grouped
-    if best_codec != Codec.RAW and len(best_payload) > raw_len * (1 - _MIN_SAVING):
-        best_codec, best_payload = Codec.RAW, data
-    used_width = width if best_codec == Codec.GROUPED_ZSTD else 0
-    return _pack(best_codec, used_width, raw_len, _NO_BASE, best_payload), best_codec
+    if raw_len == 0:
+        return _pack(Codec.RAW, 0, 0, _NO_BASE, b""), Codec.RAW
+    delta = None
+    if base is not None and len(base[1]) == raw_len:
+        delta = xor_bytes(data, base[1])
+    sources: list[bytes | memoryview] = [data] if delta is None else [data, delta]
+    # width >= 1: the caller knows the element width (1 = plain bytes); 0: rank 1, 2 and 4 on a sample
+    widths = [width] if width >= 1 and raw_len % width == 0 else [1, 2, 4]
+    use_delta, w = best_candidate(sources, [x for x in widths if raw_len % x == 0] or [1])
+    src = delta if use_delta and delta is not None else data
+    payload = zstandard.ZstdCompressor(level=level).compress(group_bytes(src, w) if w > 1 else src)
+    if use_delta and base is not None:
+        codec, used_base = Codec.DELTA_GROUPED_ZSTD, bytes(base[0])
+    else:
+        codec, used_base = (Codec.GROUPED_ZSTD if w > 1 else Codec.ZSTD), _NO_BASE
+    if len(payload) > raw_len * (1 - _MIN_SAVING):
+        return _pack(Codec.RAW, 0, raw_len, _NO_BASE, data), Codec.RAW
+    return _pack(codec, w if w > 1 else 0, raw_len, used_base, payload), codec
 
 
 def parse_header(frame: bytes | memoryview) -> FrameHeader:
@@ -100,8 +113,11 @@ def parse_header(frame: bytes | memoryview) -> FrameHeader:
     return FrameHeader(codec_enum, width, raw_len, None if base == _NO_BASE else ChunkId(base), pay_len, checksum)
 
 
-def decode(frame: bytes | memoryview, expected: ChunkId) -> bytes:
-    """Decode a frame and verify it is the chunk ``expected``. Raises ``CorruptChunk`` on any mismatch."""
+def decode(frame: bytes | memoryview, expected: ChunkId, base: bytes | memoryview | None = None) -> bytes:
+    """Decode a frame and verify it is the chunk ``expected``. Raises ``CorruptChunk`` on any mismatch.
+
+    A delta frame needs ``base``: the plain bytes of the chunk named in its header (``parse_header().base``).
+    """
     view = memoryview(frame)
     hdr = parse_header(view)
     payload = view[HEADER_SIZE:]
@@ -110,11 +126,17 @@ def decode(frame: bytes | memoryview, expected: ChunkId) -> bytes:
     try:
         if hdr.codec == Codec.RAW:
             data = bytes(payload)
-        elif hdr.codec == Codec.ZSTD:
-            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=hdr.raw_len)
         else:
             plain = zstandard.ZstdDecompressor().decompress(payload, max_output_size=hdr.raw_len)
-            data = ungroup_bytes(plain, hdr.width)
+            if hdr.codec in (Codec.GROUPED_ZSTD, Codec.DELTA_GROUPED_ZSTD) and hdr.width > 1:
+                if len(plain) % hdr.width:
+                    raise CorruptChunk(f"{len(plain)} bytes are not whole {hdr.width}-byte elements")
+                plain = ungroup_bytes(plain, hdr.width)
+            if hdr.codec == Codec.DELTA_GROUPED_ZSTD:
+                if base is None or len(base) != len(plain):
+                    raise CorruptChunk("delta frame decoded without its base (or with a base of the wrong size)")
+                plain = xor_bytes(plain, base)
+            data = plain
     except zstandard.ZstdError as exc:
         raise CorruptChunk(f"cannot decompress: {exc}") from None
     if len(data) != hdr.raw_len:

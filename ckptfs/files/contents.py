@@ -94,6 +94,7 @@ class FileContents:
         self.active: dict[InodeId, Active] = {}
         self._locks: dict[InodeId, trio.Lock] = {}
         self._since_space_check = _SPACE_CHECK_BYTES
+        self._space_low = True
         self._gens = itertools.count(1)  # modification stamps, unique across all versions
 
     # -- queries -------------------------------------------------------------------------------
@@ -169,14 +170,18 @@ class FileContents:
             return act
 
     def _check_space(self, incoming: int) -> None:
+        """Refuse data that would eat into the reserve kept for metadata and ingest (checked on every
+        write once free space is within 4 check intervals of the reserve, else every 8 MiB)."""
         st = os.statvfs(self.staging.root)
-        if st.f_bavail * st.f_frsize < self.reserve_bytes + incoming:
+        free = st.f_bavail * st.f_frsize
+        self._space_low = free < self.reserve_bytes + 4 * _SPACE_CHECK_BYTES
+        if free < self.reserve_bytes + incoming:
             raise CacheFull("cache disk is full")
 
     def write(self, act: Active, off: int, data: bytes) -> int:
         """Write into the staging file. No checkpoint. Raises ``CacheFull`` or ``OSError``."""
         self._since_space_check += len(data)
-        if self._since_space_check >= _SPACE_CHECK_BYTES:
+        if self._since_space_check >= _SPACE_CHECK_BYTES or self._space_low:
             self._since_space_check = 0
             self._check_space(len(data))
         try:

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import trio
 
-from ckptfs.codec import chunk_id, encode
+from ckptfs.codec import chunk_id
 from ckptfs.errors import CacheFull
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.contents import FileContents
+from ckptfs.files.delta import choose_base, encode_piece
 from ckptfs.files.plan import plan_file
 from ckptfs.files.workers import Workers
 from ckptfs.types import ChunkId, InodeId, Piece, VersionId, VersionState
@@ -45,6 +46,8 @@ class IngestSettings:
     zstd_level: int
     files_at_once: int
     parallel_pieces: int
+    max_chain: int = 1
+    base_grace_s: int = 600
 
 
 class _VersionChanged(Exception):
@@ -56,11 +59,6 @@ def _read_and_hash(fd: int, piece: Piece) -> tuple[bytes, ChunkId]:
     if len(data) != piece.length:
         raise _VersionChanged(f"short read at offset {piece.offset}")
     return data, chunk_id(data)
-
-
-def _encode(data: bytes, level: int, width: int) -> tuple[bytes, int]:
-    frame, codec = encode(data, level, width)
-    return frame, int(codec)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -105,7 +103,17 @@ class Ingester:
         async with trio.open_nursery() as nursery:
             for _ in range(self.settings.files_at_once):
                 nursery.start_soon(self._worker, self._recv.clone(), nursery)
+            nursery.start_soon(self._sweep_slots)
             task_status.started()
+
+    async def _sweep_slots(self) -> None:
+        """Release delta bases of deleted files once their grace period is over."""
+        period = max(1.0, min(60.0, self.settings.base_grace_s / 4))
+        while True:
+            await trio.sleep(period)
+            n = self.chunks.sweep_slots(self.settings.base_grace_s * 1_000_000_000)
+            if n:
+                log.debug("released %d delta-base slots of deleted files", n)
 
     async def wait_idle(self) -> None:
         """Return once nothing is queued or being ingested."""
@@ -151,7 +159,8 @@ class Ingester:
         pinned: list[ChunkId] = []
         try:
             s = self.settings
-            layout, pieces = await self.workers.run_background(plan_file, fd, size, s.piece_size, s.cdc_avg)
+            layout, signature, pieces = await self.workers.run_background(plan_file, fd, size, s.piece_size, s.cdc_avg)
+            slot_map = self.chunks.slot_bases(signature) if signature else {}
             results: dict[int, ChunkId] = {}
             new_chunks: list[ChunkId] = []
             limit = trio.Semaphore(s.parallel_pieces)
@@ -168,11 +177,21 @@ class Ingester:
                             await wait.wait()
                             continue
                         try:
-                            frame, codec = await self.workers.run_background(
-                                _encode, data, s.zstd_level, piece.elem_width
+                            base = choose_base(self.chunks, slot_map.get(piece.slot or ""), s.max_chain)
+                            if base is not None:
+                                self.chunks.pin(base[0])
+                                pinned.append(base[0])
+                            frame, codec, used = await self.workers.run_background(
+                                encode_piece,
+                                self.chunks.cache,
+                                data,
+                                s.zstd_level,
+                                piece.elem_width,
+                                None if base is None else base[0],
                             )
                             await self.workers.run_background(self.chunks.cache.put, cid, frame)
-                            self.chunks.record_stored(cid, codec, len(data), len(frame))
+                            depth = base[1] + 1 if used is not None and base is not None else 0
+                            self.chunks.record_stored(cid, codec, len(data), len(frame), used, depth)
                             new_chunks.append(cid)
                         finally:
                             self.chunks.release_claim(cid)
@@ -194,7 +213,9 @@ class Ingester:
             await self.workers.run_background(self.chunks.cache.sync_dirs, new_chunks)
             if not self.contents.still_sealed(inode, vid, gen):
                 return
-            self._commit(inode, vid, size, layout, pieces, results)
+            base_versions = [b.version for b in slot_map.values()]
+            base_version = max(set(base_versions), key=base_versions.count) if base_versions else None
+            self._commit(inode, vid, size, layout, signature, base_version, pieces, results)
             self.bytes_ingested += size
             self.seconds_busy += time.monotonic() - started
             log.debug(
@@ -211,7 +232,15 @@ class Ingester:
             self.chunks.collect(set(pinned))
 
     def _commit(
-        self, inode: InodeId, vid: VersionId, size: int, layout: str, pieces: list[Piece], results: dict[int, ChunkId]
+        self,
+        inode: InodeId,
+        vid: VersionId,
+        size: int,
+        layout: str,
+        signature: str | None,
+        base_version: VersionId | None,
+        pieces: list[Piece],
+        results: dict[int, ChunkId],
     ) -> None:
         touched: list[ChunkId] = []
         with self.contents.db.transaction() as c:  # atomic: no await until commit
@@ -220,10 +249,15 @@ class Ingester:
                 [(vid, p.offset, p.length, results[p.offset], p.slot) for p in pieces],
             )
             ChunkIndex.add_refs(c, Counter(results[p.offset] for p in pieces))
+            row = c.execute("SELECT inode FROM versions WHERE id=?", (base_version,)).fetchone()
             c.execute(
-                "UPDATE versions SET state=?, staging=NULL, layout=?, size=? WHERE id=?",
-                (VersionState.LOCAL.value, layout, size, vid),
+                "UPDATE versions SET state=?, staging=NULL, layout=?, size=?, signature=?, base_version=?,"
+                " base_inode=? WHERE id=?",
+                (VersionState.LOCAL.value, layout, size, signature, base_version, row and row[0], vid),
             )
+            if signature is not None:
+                slots = [(p.slot, results[p.offset]) for p in pieces if p.slot]
+                touched += ChunkIndex.set_slots(c, signature, vid, slots)
             c.execute("UPDATE inodes SET size=? WHERE id=?", (size, inode))
             for (old,) in c.execute("SELECT id FROM versions WHERE inode=? AND id<>?", (inode, vid)).fetchall():
                 touched += ChunkIndex.drop_version_refs(c, old)

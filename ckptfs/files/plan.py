@@ -6,17 +6,17 @@ Pure; runs in a worker thread with the file's own fd.
 from __future__ import annotations
 
 from ckptfs.chunker import cdc_pieces
-from ckptfs.formats import plan_records, safetensors_records, torchzip_records
+from ckptfs.formats import plan_records, safetensors_records, signature, torchzip_records
 from ckptfs.types import Piece
 
 
-def plan_file(fd: int, size: int, piece_size: int, cdc_avg: int) -> tuple[str, list[Piece]]:
-    """Return (layout name, pieces covering ``[0, size)``)."""
+def plan_file(fd: int, size: int, piece_size: int, cdc_avg: int) -> tuple[str, str | None, list[Piece]]:
+    """Return (layout name, layout signature or None, pieces covering ``[0, size)``)."""
     for name, finder in (("torchzip", torchzip_records), ("safetensors", safetensors_records)):
         records = finder(fd, size)
         if records:
             try:
-                return name, plan_records(records, size, piece_size)
+                return name, signature(name, records), plan_records(records, size, piece_size)
             except ValueError:
                 break
-    return "cdc", cdc_pieces(fd, size, cdc_avg)
+    return "cdc", None, cdc_pieces(fd, size, cdc_avg)

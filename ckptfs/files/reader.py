@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from ckptfs.cache import ChunkCache
-from ckptfs.codec import decode
+from ckptfs.codec import decode, parse_header
 from ckptfs.errors import CorruptChunk
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
@@ -33,9 +33,18 @@ class Extents:
     chunks: list[ChunkId]
 
 
-def fetch_and_decode(cache: ChunkCache, cid: ChunkId) -> bytes:
-    """Worker thread: read a chunk frame from the cache and decode it (verifying the id)."""
-    return decode(cache.get(cid), cid)
+# Longer delta chains than this are treated as corrupt (they cannot be written; a cycle would loop).
+MAX_CHAIN = 64
+
+
+def fetch_and_decode(cache: ChunkCache, cid: ChunkId, _depth: int = 0) -> bytes:
+    """Worker thread: read a chunk frame from the cache and decode it, its delta bases first (verifying ids)."""
+    if _depth > MAX_CHAIN:
+        raise CorruptChunk(f"delta chain through {cid.hex()} is longer than {MAX_CHAIN}")
+    frame = cache.get(cid)
+    hdr = parse_header(frame)
+    base = fetch_and_decode(cache, hdr.base, _depth + 1) if hdr.base is not None else None
+    return decode(frame, cid, base)
 
 
 class ChunkReader:
@@ -47,7 +56,6 @@ class ChunkReader:
         self._decoded: OrderedDict[ChunkId, bytes] = OrderedDict()
         self._decoded_size = 0
         self._pending: dict[ChunkId, trio.Event] = {}
-        self._failed: dict[ChunkId, BaseException] = {}
         self._extents: OrderedDict[VersionId, Extents] = OrderedDict()
 
     def extents(self, vid: VersionId) -> Extents:
@@ -67,27 +75,46 @@ class ChunkReader:
     def forget_version(self, vid: VersionId) -> None:
         self._extents.pop(vid, None)
 
-    async def chunk(self, cid: ChunkId) -> bytes:
-        """Decoded bytes of ``cid``. Raises ``CorruptChunk`` or ``NotFound``. Checkpoints."""
-        data = self._decoded.get(cid)
-        if data is not None:
+    def cached(self, cid: ChunkId) -> bytes | None:
+        """Decoded bytes of ``cid`` if they are in memory. No checkpoint."""
+        return self._decoded.get(cid)
+
+    def remember(self, cid: ChunkId, data: bytes) -> None:
+        """Add decoded bytes to the LRU (the ingester offers the plain bytes it just stored)."""
+        if cid in self._decoded:
             self._decoded.move_to_end(cid)
-            return data
-        ev = self._pending.get(cid)
-        if ev is not None:
-            await ev.wait()
-            return await self.chunk(cid)
-        ev = self._pending[cid] = trio.Event()
-        try:
-            data = await self.workers.run_foreground(fetch_and_decode, self.cache, cid)
-        finally:
-            del self._pending[cid]
-            ev.set()
+            return
         self._decoded[cid] = data
         self._decoded_size += len(data)
         while self._decoded_size > self.cache_bytes and len(self._decoded) > 1:
             _, old = self._decoded.popitem(last=False)
             self._decoded_size -= len(old)
+
+    async def chunk(self, cid: ChunkId, _depth: int = 0) -> bytes:
+        """Decoded bytes of ``cid``, decoding its delta bases first. Raises ``CorruptChunk`` or ``NotFound``.
+
+        Checkpoints. Concurrent callers for one chunk share a single decode.
+        """
+        data = self._decoded.get(cid)
+        if data is not None:
+            self._decoded.move_to_end(cid)
+            return data
+        if _depth > MAX_CHAIN:
+            raise CorruptChunk(f"delta chain through {cid.hex()} is longer than {MAX_CHAIN}")
+        ev = self._pending.get(cid)
+        if ev is not None:
+            await ev.wait()
+            return await self.chunk(cid, _depth)
+        ev = self._pending[cid] = trio.Event()
+        try:
+            frame = await self.workers.run_foreground(self.cache.get, cid)
+            hdr = parse_header(frame)
+            base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
+            data = await self.workers.run_foreground(decode, frame, cid, base)
+        finally:
+            del self._pending[cid]
+            ev.set()
+        self.remember(cid, data)
         return data
 
     async def read(self, vid: VersionId, size_of_file: int, off: int, size: int, what: str) -> bytes:

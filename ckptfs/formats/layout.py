@@ -8,6 +8,7 @@ packed into "filler" pieces named after the record before them. Pure; callable f
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from ckptfs.types import Piece
@@ -58,3 +59,11 @@ def plan_records(records: list[Record], file_size: int, piece_size: int) -> list
     if file_size > cursor:
         pieces += _cut(cursor, file_size, piece_size, f"~after:{prev}", 0)
     return pieces
+
+
+def signature(kind: str, records: list[Record]) -> str:
+    """A layout signature: files with equal signatures have the same records (names, sizes, widths)."""
+    h = hashlib.sha256(kind.encode())
+    for rec in sorted(records, key=lambda r: r.name):
+        h.update(f"\0{rec.name}\0{rec.length}\0{rec.width}".encode())
+    return f"{kind}:{h.hexdigest()[:32]}"

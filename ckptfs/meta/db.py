@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS versions (
     size       INTEGER NOT NULL DEFAULT 0,
     staging    TEXT,                     -- staging file name while state = 'staged'
     created_ns INTEGER NOT NULL,
-    layout     TEXT                      -- 'torchzip' | 'safetensors' | 'cdc' once chunked
+    layout     TEXT,                     -- 'torchzip' | 'safetensors' | 'cdc' once chunked
+    signature  TEXT,                     -- layout signature (NULL for content-defined chunking)
+    base_version INTEGER,                -- version whose chunks served as delta bases (NULL = none)
+    base_inode INTEGER                   -- the file that version belonged to (it may be gone since)
 );
 CREATE INDEX IF NOT EXISTS versions_inode ON versions (inode);
 -- Ordered chunks of a local/remote version. Extents tile [0, size) without gaps.
@@ -68,14 +71,28 @@ CREATE TABLE IF NOT EXISTS extents (
     PRIMARY KEY (version, offset)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS extents_chunk ON extents (chunk);
--- Stored chunks. refcount = number of extents referring to the chunk.
+-- Stored chunks. refcount = extents naming the chunk + chunks using it as their delta base
+--                        + slot_index entries naming it.
 CREATE TABLE IF NOT EXISTS chunks (
     id       BLOB PRIMARY KEY,
     codec    INTEGER NOT NULL,           -- codec.frame.Codec
     raw_len  INTEGER NOT NULL,           -- plain bytes
     stored   INTEGER NOT NULL,           -- bytes of the frame on disk
-    refcount INTEGER NOT NULL
+    refcount INTEGER NOT NULL,
+    base     BLOB,                       -- delta base chunk (NULL for a keyframe)
+    depth    INTEGER NOT NULL DEFAULT 0  -- deltas to decode before this one (0 = keyframe)
 ) WITHOUT ROWID;
+-- The latest chunk stored for each slot of each layout signature: where a new version of a file with
+-- the same layout (same records and sizes) finds the base of its delta for that slot.
+CREATE TABLE IF NOT EXISTS slot_index (
+    signature  TEXT NOT NULL,            -- hash of the layout (record names and sizes)
+    slot       TEXT NOT NULL,            -- "data/3#0", a tensor name, ...
+    chunk      BLOB NOT NULL,
+    version    INTEGER NOT NULL,         -- the version that stored it (may be deleted since)
+    updated_ns INTEGER NOT NULL,
+    PRIMARY KEY (signature, slot)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS slot_index_version ON slot_index (version);
 CREATE INDEX IF NOT EXISTS chunks_unref ON chunks (refcount) WHERE refcount = 0;
 CREATE TABLE IF NOT EXISTS xattrs (
     inode INTEGER NOT NULL,

@@ -38,8 +38,63 @@ def test_grouping_helps_floats_and_is_chosen():
     data = (rng.standard_normal(1 << 18) * 0.02).astype(np.float32).tobytes()
     frame, codec = encode(data, 3, 4)
     assert codec == Codec.GROUPED_ZSTD
-    plain, _ = encode(data, 3, 0)
-    assert len(frame) < len(plain)
+    plain, plain_codec = encode(data, 3, 1)  # width 1: no grouping
+    assert plain_codec == Codec.ZSTD and len(frame) < len(plain)
+    auto, auto_codec = encode(data, 3, 0)  # width 0: picked on a sample
+    assert auto_codec == Codec.GROUPED_ZSTD and parse_header(auto).width == 4
+
+
+def _drifted(rng, n, dtype, scale):
+    w = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    w2 = w + (rng.standard_normal(n) * scale).astype(np.float32)
+    return np.asarray(w, dtype=dtype).tobytes(), np.asarray(w2, dtype=dtype).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_delta_against_a_close_base_wins_and_needs_the_base(dtype):
+    rng = np.random.default_rng(5)
+    a, b = _drifted(rng, 1 << 18, dtype, 1e-5)
+    frame, codec = encode(b, 3, 0, (chunk_id(a), a))
+    assert codec == Codec.DELTA_GROUPED_ZSTD and parse_header(frame).base == chunk_id(a)
+    alone, _ = encode(b, 3, 0)
+    assert len(frame) < 0.9 * len(alone)
+    assert decode(frame, chunk_id(b), a) == b
+    with pytest.raises(CorruptChunk):
+        decode(frame, chunk_id(b))  # no base
+    other = bytes(len(a))
+    with pytest.raises(CorruptChunk):
+        decode(frame, chunk_id(b), other)  # wrong base: caught by the id check
+
+
+def test_unrelated_base_is_not_used():
+    rng = np.random.default_rng(6)
+    a = rng.bytes(1 << 16)
+    b = (rng.standard_normal(1 << 14) * 0.02).astype(np.float32).tobytes()
+    frame, codec = encode(b, 3, 0, (chunk_id(a), a))
+    assert codec != Codec.DELTA_GROUPED_ZSTD and parse_header(frame).base is None
+    assert decode(frame, chunk_id(b)) == b
+
+
+@given(
+    st.sampled_from([np.float16, np.float32, np.float64]),
+    st.integers(0, 5000),
+    st.floats(1e-8, 1.0),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 1, 2, 4]),
+)
+@settings(max_examples=150, deadline=None)
+def test_delta_roundtrip_property(dtype, n, scale, seed, width):
+    rng = np.random.default_rng(seed)
+    a, b = _drifted(rng, n, dtype, scale)
+    if n and seed % 3 == 0:  # sprinkle specials: NaN, Inf, denormals, negative zero
+        arr = np.frombuffer(b, dtype=dtype).copy()
+        arr[:: max(1, n // 7)] = np.array([np.nan, np.inf, -np.inf, -0.0, np.finfo(dtype).tiny / 4])[
+            np.arange(len(arr[:: max(1, n // 7)])) % 5
+        ].astype(dtype)
+        b = arr.tobytes()
+    frame, codec = encode(b, 1, width, (chunk_id(a), a))
+    base = a if codec == Codec.DELTA_GROUPED_ZSTD else None
+    assert decode(frame, chunk_id(b), base) == b
 
 
 def test_incompressible_is_stored_raw():

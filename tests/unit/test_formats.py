@@ -56,17 +56,19 @@ def test_slots_match_between_checkpoints_although_offsets_move(tmp_path):
     torch.save(state, a)
     state["step"] = 10**12  # the pickle grows
     torch.save(state, b)
-    plans = []
+    plans, sigs = [], []
     for p in (a, b):
         fd, size = _open(p)
         try:
-            layout, pieces = plan_file(fd, size, 1 << 20, 1 << 20)
+            layout, sig, pieces = plan_file(fd, size, 1 << 20, 1 << 20)
         finally:
             os.close(fd)
         assert layout == "torchzip"
+        sigs.append(sig)
         _covers(pieces, size)
         plans.append({pc.slot: p.read_bytes()[pc.offset : pc.offset + pc.length] for pc in pieces})
     assert plans[0].keys() == plans[1].keys()
+    assert sigs[0] == sigs[1]  # same layout: the second finds the first's chunks as delta bases
     big = [s for s in plans[0] if not s.startswith("~")]
     assert big and all(plans[0][s] == plans[1][s] for s in big)
 

@@ -1,0 +1,135 @@
+"""Delta-stored checkpoints through a real mount: base selection, bit-exact reads, bounded chains."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import sqlite3
+
+import pytest
+import torch
+
+from tests.helpers import assert_state_equal
+
+
+def train_series(n: int, dtype=torch.float32, width: int = 512, lr: float = 1e-4, seed: int = 0):
+    """States of a small MLP after successive AdamW steps (deep copies, so each is a snapshot)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width)).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    out = []
+    for step in range(n):
+        for _ in range(2):
+            x = torch.randn(16, width, dtype=dtype)
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        out.append(copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}))
+    return out
+
+
+def versions(mount, rel=""):
+    res = mount.cli("ls-versions", "--json", str(mount.path(rel)) if rel else str(mount.mnt))
+    return {v["path"]: v for v in json.loads(res.stdout)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_series_reads_back_bit_exact_after_its_bases_are_deleted(mount, dtype):
+    states = train_series(4, dtype)
+    mount.path("run").mkdir()
+    names = [f"run/step_{i:06d}.pt" for i in range(4)]
+    for name, state in zip(names, states, strict=True):
+        torch.save(state, mount.path(name))
+        mount.wait_local(name)
+    vs = versions(mount)
+    for prev, name in zip(names, names[1:], strict=False):
+        assert vs[name]["base_path"] == prev, vs[name]
+        assert vs[name]["codecs"].get("delta", 0) > 0, vs[name]
+    for name in names[:3]:
+        os.unlink(mount.path(name))
+    mount.umount()
+    mount.start()
+    assert_state_equal(states[3], torch.load(mount.path(names[3])))
+    res = mount.cli("fsck", "--cache", str(mount.cache), "--verify-data")
+    assert "0 problems" in res.stdout, res.stdout
+
+
+def test_base_selection_overwrite_rename_new_directory(mount):
+    states = train_series(5)
+    torch.save(states[0], mount.path("latest.pt"))
+    mount.wait_local("latest.pt")
+    first = versions(mount)["latest.pt"]["version"]
+    torch.save(states[1], mount.path("latest.pt"))  # overwrite: base = the path's previous version
+    mount.wait_local("latest.pt")
+    v = versions(mount)["latest.pt"]
+    assert v["base_version"] == first and v["base_path"] == "latest.pt"
+
+    torch.save(states[0], mount.path("model.pt"))
+    mount.wait_local("model.pt")
+    old = versions(mount)["model.pt"]["version"]
+    torch.save(states[2], mount.path("model.pt.tmp"))
+    os.replace(mount.path("model.pt.tmp"), mount.path("model.pt"))  # tmp + rename: the replaced file is the base
+    mount.wait_local("model.pt")
+    v = versions(mount)["model.pt"]
+    assert v["codecs"].get("delta", 0) > 0
+    assert v["base_version"] in (old, versions(mount)["latest.pt"]["version"])  # same layout: any recent one
+
+    (mount.path("run1")).mkdir()
+    (mount.path("run2")).mkdir()
+    other = train_series(2, width=384, seed=1)  # another model: another layout
+    torch.save(other[0], mount.path("run1", "step_100.pt"))
+    mount.wait_local("run1/step_100.pt")
+    torch.save(other[1], mount.path("run2", "step_200.pt"))  # a resumed run writing to a new folder
+    mount.wait_local("run2/step_200.pt")
+    vs = versions(mount)
+    assert vs["run2/step_200.pt"]["base_path"] == "run1/step_100.pt"
+    assert vs["run1/step_100.pt"]["base_version"] is None  # nothing of that layout existed before
+
+
+@pytest.mark.parametrize("dtype,gain", [(torch.float32, 0.97), (torch.bfloat16, 0.85)])
+def test_delta_stores_less_than_no_delta(mount_factory, dtype, gain):
+    states = train_series(5, dtype)
+    stored = {}
+    for chain in ("0", "1", "3"):
+        m = mount_factory(env={"CKPTFS_INGEST_MAX_CHAIN": chain})
+        for i, st in enumerate(states):
+            torch.save(st, m.path(f"step_{i}.pt"))
+            m.wait_local(f"step_{i}.pt")
+        stored[chain] = m.stats()["total"]["stored_bytes"]
+        for i, st in enumerate(states):
+            assert_state_equal(st, torch.load(m.path(f"step_{i}.pt")))
+        db = sqlite3.connect(m.cache / "meta.db")
+        depth = db.execute("SELECT max(depth) FROM chunks").fetchone()[0]
+        db.close()
+        assert depth <= int(chain), (chain, depth)  # reads decode at most max_chain deltas
+        m.umount()
+    assert stored["1"] < gain * stored["0"], stored
+    assert stored["3"] < gain * stored["0"], stored
+
+
+def test_corrupt_base_makes_dependent_reads_fail_with_eio(mount):
+    states = train_series(2)
+    torch.save(states[0], mount.path("a.pt"))
+    mount.wait_local("a.pt")
+    torch.save(states[1], mount.path("b.pt"))
+    mount.wait_local("b.pt")
+    assert versions(mount)["b.pt"]["codecs"].get("delta", 0) > 0
+    mount.umount()
+    mount.expect_errors = True
+    db = sqlite3.connect(mount.cache / "meta.db")
+    bases = [bytes(r[0]) for r in db.execute("SELECT DISTINCT base FROM chunks WHERE base IS NOT NULL")]
+    db.close()
+    assert bases
+    for cid in bases:  # flip one byte in every chunk some delta depends on
+        p = mount.cache / "chunks" / cid.hex()[:2] / cid.hex()
+        raw = bytearray(p.read_bytes())
+        raw[-1] ^= 0x40
+        p.write_bytes(bytes(raw))
+    mount.start()
+    with pytest.raises(OSError) as e:
+        mount.path("b.pt").read_bytes()
+    assert e.value.errno == errno.EIO
+    res = mount.cli("fsck", "--cache", str(mount.cache), "--verify-data", check=False)
+    assert res.returncode == 1
