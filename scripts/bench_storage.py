@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Bytes stored for checkpoint series from real (CPU) training, ckptfs vs three baselines.
+
+Series (each written through a fresh ckptfs mount with plain torch.save / safetensors):
+  finetune-fp32     GPT-style model, fp32, AdamW lr 1e-5, full state (model + optimizer) per step file
+  pretrain-bf16     the same model in bf16, AdamW lr 1e-3
+  frozen-adapters   frozen base, small trainable adapters; model + optimizer per step file
+  latest-overwrite  fp32 fine-tuning, one path latest.pt overwritten each time
+  hf-rotation       checkpoint-N/model.safetensors + optimizer.pt, oldest directory deleted (save_total_limit=2)
+Baselines, computed on the bytes of every version written: zstd-3 per file; byte-grouped zstd-3 per
+tensor (the ZipNN approach); per-tensor XOR against the previous checkpoint + byte-grouped zstd-3
+(the naive delta). ckptfs keeps what the paths hold at the end plus the bases they need.
+
+    .venv/bin/python scripts/bench_storage.py --json bench-storage.json            # ~25M parameters
+    .venv/bin/python scripts/bench_storage.py --d-model 256 --layers 4 --versions 4  # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+SERIES = ("finetune-fp32", "pretrain-bf16", "frozen-adapters", "latest-overwrite", "hf-rotation")
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d: int, adapter: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn = torch.nn.MultiheadAttention(d, max(1, d // 64), batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+        self.adapter = (
+            torch.nn.Sequential(torch.nn.Linear(d, adapter), torch.nn.Linear(adapter, d)) if adapter else None
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        x = x + self.mlp(self.ln2(x))
+        return x + self.adapter(x) if self.adapter is not None else x
+
+
+class GPT(torch.nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, ctx: int, adapter: int = 0) -> None:
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(vocab, d), torch.nn.Embedding(ctx, d)
+        self.blocks = torch.nn.ModuleList(Block(d, adapter) for _ in range(layers))
+        self.ln, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+        x = self.tok(idx) + self.pos(torch.arange(t))
+        for b in self.blocks:
+            x = b(x, mask)
+        return self.head(self.ln(x))
+
+
+def train_states(args: argparse.Namespace, series: str):
+    """Yield (step, state dict snapshot) after successive training intervals."""
+    torch.manual_seed(0)
+    adapters = series == "frozen-adapters"
+    model = GPT(args.vocab, args.d_model, args.layers, args.ctx, adapter=8 if adapters else 0)
+    dtype = torch.bfloat16 if series == "pretrain-bf16" else torch.float32
+    model = model.to(dtype)
+    if adapters:
+        for name, p in model.named_parameters():
+            p.requires_grad = ".adapter." in name
+    lr = 1e-3 if series == "pretrain-bf16" else 1e-5
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    data = torch.randint(0, args.vocab, (64, args.ctx + 1))
+    for v in range(args.versions):
+        for s in range(args.steps):
+            batch = data[(v * args.steps + s) % 8 :: 8][: args.batch]
+            logits = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        yield (v + 1) * args.steps, copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+
+
+def tensors_of(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_of(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in tensors_of(v)]
+    return []
+
+
+def grouped(raw: bytes, width: int) -> bytes:
+    if width <= 1 or len(raw) % width:
+        return raw
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, width).T.tobytes()
+
+
+class Baselines:
+    def __init__(self) -> None:
+        self.cctx = zstandard.ZstdCompressor(level=3)
+        self.zstd = self.grouped = self.delta = 0
+        self.prev: dict[str, list[bytes]] = {}
+
+    def add(self, key: str, file_bytes: bytes, state) -> None:
+        self.zstd += len(self.cctx.compress(file_bytes))
+        ts = tensors_of(state)
+        raws = [t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"" for t in ts]
+        overhead = max(0, len(file_bytes) - sum(len(r) for r in raws))
+        g = d = overhead
+        prev = self.prev.get(key)
+        for i, (t, raw) in enumerate(zip(ts, raws, strict=True)):
+            w = t.element_size()
+            gz = len(self.cctx.compress(grouped(raw, w)))
+            g += gz
+            if prev is not None and i < len(prev) and len(prev[i]) == len(raw) and raw:
+                x = np.bitwise_xor(np.frombuffer(raw, np.uint8), np.frombuffer(prev[i], np.uint8)).tobytes()
+                d += min(gz, len(self.cctx.compress(grouped(x, w))))
+            else:
+                d += gz
+        self.grouped += g
+        self.delta += d
+        self.prev[key] = raws
+
+
+def write_series(args, series: str, mnt: Path, base: Baselines) -> tuple[int, float, list[tuple[Path, bytes]]]:
+    """Write one series into the mount; return logical bytes, seconds spent writing, the files that remain."""
+    logical = 0
+    writing = 0.0
+    kept: dict[Path, bytes] = {}
+    for step, state in train_states(args, series):
+        t0 = time.perf_counter()
+        if series == "hf-rotation":
+            from safetensors.torch import save as st_save
+
+            d = mnt / f"checkpoint-{step}"
+            d.mkdir()
+            model_bytes = st_save({k: v.contiguous() for k, v in state["model"].items()})
+            (d / "model.safetensors").write_bytes(model_bytes)
+            buf = io.BytesIO()
+            torch.save(state["optimizer"], buf)
+            with open(d / "optimizer.pt", "wb") as f:
+                torch.save(state["optimizer"], f)
+            files = {d / "model.safetensors": model_bytes, d / "optimizer.pt": buf.getvalue()}
+            base.add("model", model_bytes, state["model"])
+            base.add("optimizer", buf.getvalue(), state["optimizer"])
+            dirs = [p for p in mnt.iterdir() if p.name.startswith("checkpoint-")]
+            dirs.sort(key=lambda p: int(p.name[len("checkpoint-") :]))
+            for old in dirs[:-2]:
+                for p in list(kept):
+                    if p.parent == old:
+                        del kept[p]
+                shutil.rmtree(old)
+        else:
+            path = mnt / ("latest.pt" if series == "latest-overwrite" else f"step_{step:06d}.pt")
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            with open(path, "wb") as f:
+                torch.save(state, f)
+            files = {path: buf.getvalue()}
+            base.add("ckpt", buf.getvalue(), state)
+        writing += time.perf_counter() - t0  # includes the baselines' work, so MB/s is a lower bound
+        for p, b in files.items():
+            logical += len(b)
+            kept[p] = b
+    return logical, writing, list(kept.items())
+
+
+def wait_local(paths: list[Path]) -> None:
+    for p in paths:
+        while os.getxattr(p, "user.ckptfs.state") == b"staged":
+            time.sleep(0.02)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--versions", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=2, help="training steps between checkpoints")
+    ap.add_argument("--series", default=",".join(SERIES))
+    ap.add_argument("--max-chain", type=int, default=None, help="override ingest.max_chain")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ck = [sys.executable, "-m", "ckptfs"]
+    env = {**os.environ}
+    if args.max_chain is not None:
+        env["CKPTFS_INGEST_MAX_CHAIN"] = str(args.max_chain)
+    params = sum(p.numel() for p in GPT(args.vocab, args.d_model, args.layers, args.ctx).parameters())
+    rows = []
+    for series in args.series.split(","):
+        work = Path(tempfile.mkdtemp(prefix="ckptfs-storage-", dir="/var/tmp"))
+        mnt = work / "mnt"
+        mnt.mkdir()
+        subprocess.run([*ck, "mount", "--cache", str(work / "cache"), "--store", f"file://{work}/store", str(mnt)],
+                       check=True, env=env, capture_output=True)
+        try:
+            base = Baselines()
+            logical, writing, kept = write_series(args, series, mnt, base)
+            t0 = time.perf_counter()
+            wait_local([p for p, _ in kept])
+            ingest_s = writing + time.perf_counter() - t0  # training time excluded
+            subprocess.run([*ck, "umount", str(mnt)], check=True, capture_output=True)
+            subprocess.run([*ck, "mount", "--cache", str(work / "cache"), "--store", f"file://{work}/store",
+                            str(mnt)], check=True, env=env, capture_output=True)
+            t0 = time.perf_counter()
+            read = 0
+            for p, b in kept:
+                data = p.read_bytes()
+                assert data == b, f"{series}: {p.name} differs after remount"
+                read += len(data)
+            read_mbps = read / 1e6 / (time.perf_counter() - t0)
+            st = json.loads(subprocess.run([*ck, "stats", "--json", str(mnt)], check=True, capture_output=True,
+                                           text=True).stdout)["total"]
+        finally:
+            subprocess.run([*ck, "umount", str(mnt)], check=False, capture_output=True)
+            shutil.rmtree(work, ignore_errors=True)
+        rows.append({
+            "series": series, "logical": logical, "ckptfs": st["stored_bytes"], "zstd3": base.zstd,
+            "grouped": base.grouped, "naive_delta": base.delta, "ckptfs_vs_naive": st["stored_bytes"] / base.delta,
+            "write_to_local_MBps": logical / 1e6 / ingest_s, "read_MBps": read_mbps, "bit_exact": True,
+        })
+        r = rows[-1]
+        print(f"{series}: logical {logical / 1e6:.0f} MB, ckptfs {r['ckptfs'] / 1e6:.1f} MB", flush=True)
+    print(f"\n{params / 1e6:.1f}M-parameter GPT, {args.versions} versions x {args.steps} steps;"
+          " MB stored (ratio to logical)")
+    print(f"{'series':<18} {'logical':>8} {'ckptfs':>14} {'zstd-3':>14} {'grouped':>14} {'naive delta':>14}"
+          f" {'ck/naive':>8} {'wr->local MB/s':>14} {'read MB/s':>9}")
+    def cell(r: dict, n: int) -> str:
+        return f"{n / 1e6:.1f} ({r['logical'] / n:.2f}x)"
+
+    for r in rows:
+        print(f"{r['series']:<18} {r['logical'] / 1e6:>8.1f} {cell(r, r['ckptfs']):>14} {cell(r, r['zstd3']):>14}"
+              f" {cell(r, r['grouped']):>14} {cell(r, r['naive_delta']):>14} {r['ckptfs_vs_naive']:>8.2f}"
+              f" {r['write_to_local_MBps']:>14.0f} {r['read_MBps']:>9.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"params": params, "args": vars(args), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
