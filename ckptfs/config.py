@@ -58,6 +58,7 @@ class IngestConfig:
     nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority
     max_chain: int = 1  # deltas a read decodes at most (1 = every delta is against a keyframe; 0 = no delta)
     base_grace_s: int = 600  # a deleted file's chunks stay usable as delta bases this long
+    base_cache_mb: int = 512  # plain bytes of recent pieces kept in memory as the next version's bases
 
 
 @dataclass(frozen=True, slots=True)

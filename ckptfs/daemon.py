@@ -137,6 +137,7 @@ class _Components:
             parallel_pieces=max(2, cfg.ingest.threads * 2),
             max_chain=cfg.ingest.max_chain,
             base_grace_s=cfg.ingest.base_grace_s,
+            base_cache_bytes=cfg.ingest.base_cache_mb * MiB,
         )
         self.contents = FileContents(
             self.db,

@@ -13,8 +13,14 @@ from pathlib import Path
 from ckptfs.codec import Codec
 
 ROOT = 1
-DELTA_CODEC = int(Codec.DELTA_GROUPED_ZSTD)
-CODEC_NAMES = {int(Codec.RAW): "raw", int(Codec.ZSTD): "zstd", int(Codec.GROUPED_ZSTD): "grouped", DELTA_CODEC: "delta"}
+DELTA_CODECS = {int(Codec.DELTA_GROUPED_ZSTD), int(Codec.SUB_GROUPED_ZSTD)}
+CODEC_NAMES = {
+    int(Codec.RAW): "raw",
+    int(Codec.ZSTD): "zstd",
+    int(Codec.GROUPED_ZSTD): "grouped",
+    int(Codec.DELTA_GROUPED_ZSTD): "delta-xor",
+    int(Codec.SUB_GROUPED_ZSTD): "delta-sub",
+}
 
 
 @dataclass(slots=True)
@@ -132,7 +138,7 @@ def usage(conn: sqlite3.Connection, rel: str = "") -> tuple[Usage, dict[str, Usa
                         u._seen.add(cid)
                         u.unique_raw += raw
                         u.stored += stored
-                        if codec == DELTA_CODEC:
+                        if codec in DELTA_CODECS:
                             u.delta_raw += raw
                             u.delta_stored += stored
     if start == ROOT:

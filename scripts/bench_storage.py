@@ -7,7 +7,8 @@ Series (each written through a fresh ckptfs mount with plain torch.save / safete
   frozen-adapters   frozen base, small trainable adapters; model + optimizer per step file
   latest-overwrite  fp32 fine-tuning, one path latest.pt overwritten each time
   hf-rotation       checkpoint-N/model.safetensors + optimizer.pt, oldest directory deleted (save_total_limit=2)
-Baselines, computed on the bytes of every version written: zstd-3 per file; byte-grouped zstd-3 per
+Each save is ingested before the next one (a trainer saving every few minutes). Baselines, computed
+on the bytes of every version written: zstd-3 per file; byte-grouped zstd-3 per
 tensor (the ZipNN approach); per-tensor XOR against the previous checkpoint + byte-grouped zstd-3
 (the naive delta). ckptfs keeps what the paths hold at the end plus the bases they need.
 
@@ -172,6 +173,8 @@ def write_series(args, series: str, mnt: Path, base: Baselines) -> tuple[int, fl
                 torch.save(state, f)
             files = {path: buf.getvalue()}
             base.add("ckpt", buf.getvalue(), state)
+        # Steady state of a trainer saving every few minutes: each save is ingested before the next one.
+        wait_local([p for p in files if p.exists()])
         writing += time.perf_counter() - t0  # includes the baselines' work, so MB/s is a lower bound
         for p, b in files.items():
             logical += len(b)

@@ -8,7 +8,7 @@ Layout (little endian)::
     width     B    element width used for byte grouping (0 = none)
     flags     B    reserved, 0
     raw_len   Q    length of the decoded bytes
-    base      16s  chunk id of the delta base (zeros when none; set only for DELTA_GROUPED_ZSTD)
+    base      16s  chunk id of the delta base (zeros when none; set for the delta codecs 3 and 4)
     pay_len   Q    length of the payload that follows
     checksum  Q    xxh3-64 of the header's first 40 bytes and the payload
 
@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import zstandard
 
 from ckptfs.codec.hashing import checksum64, chunk_id
-from ckptfs.codec.transform import best_candidate, group_bytes, ungroup_bytes, xor_bytes
+from ckptfs.codec.transform import (
+    apply,
+    best_candidate,
+    candidates,
+    group_bytes,
+    sub_decode,
+    ungroup_bytes,
+    xor_bytes,
+)
 from ckptfs.errors import CorruptChunk
 from ckptfs.types import ChunkId
 
@@ -44,6 +52,7 @@ class Codec(enum.IntEnum):
     ZSTD = 1
     GROUPED_ZSTD = 2  # byte planes of `width`-byte elements, then zstd
     DELTA_GROUPED_ZSTD = 3  # XOR with the base chunk's plain bytes, byte planes, zstd
+    SUB_GROUPED_ZSTD = 4  # zigzag difference with the base (width-byte integers), byte planes, zstd
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,9 @@ def _pack(codec: Codec, width: int, raw_len: int, base: bytes, payload: bytes | 
     return prefix + struct.pack("<Q", checksum64(prefix, payload)) + bytes(payload)
 
 
+_DELTA_CODECS = {"xor": Codec.DELTA_GROUPED_ZSTD, "sub": Codec.SUB_GROUPED_ZSTD}
+
+
 def encode(
     data: bytes | memoryview,
     level: int = 3,
@@ -68,26 +80,23 @@ def encode(
     base: tuple[ChunkId, bytes | memoryview] | None = None,
 ) -> tuple[bytes, Codec]:
     """Encode ``data`` into a frame: raw, zstd, byte-grouped zstd or — when ``base`` = (id, plain bytes)
-    of the same length is given — XOR with the base, byte-grouped, zstd.
+    of the same length is given — XOR with or zigzag difference to the base, byte-grouped, zstd.
 
-    The candidates (plain or XOR'd; element width 1/2/4, or the ``width`` the format told) are ranked on
-    a sample, the winner is compressed whole, and the frame falls back to raw when that does not help.
+    The candidates (transform x element width 1/2/4, or the ``width`` the format told) are ranked on a
+    sample, the winner is compressed whole, and the frame falls back to raw when that does not help.
     Worker-thread safe (creates its own compressor). Returns the frame and the codec chosen.
     """
     raw_len = len(data)
     if raw_len == 0:
         return _pack(Codec.RAW, 0, 0, _NO_BASE, b""), Codec.RAW
-    delta = None
-    if base is not None and len(base[1]) == raw_len:
-        delta = xor_bytes(data, base[1])
-    sources: list[bytes | memoryview] = [data] if delta is None else [data, delta]
+    base_bytes = base[1] if base is not None and len(base[1]) == raw_len else None
     # width >= 1: the caller knows the element width (1 = plain bytes); 0: rank 1, 2 and 4 on a sample
     widths = [width] if width >= 1 and raw_len % width == 0 else [1, 2, 4]
-    use_delta, w = best_candidate(sources, [x for x in widths if raw_len % x == 0] or [1])
-    src = delta if use_delta and delta is not None else data
+    kind, w = best_candidate(data, base_bytes, candidates(raw_len, widths, base_bytes is not None))
+    src = apply(kind, data, base_bytes, w)
     payload = zstandard.ZstdCompressor(level=level).compress(group_bytes(src, w) if w > 1 else src)
-    if use_delta and base is not None:
-        codec, used_base = Codec.DELTA_GROUPED_ZSTD, bytes(base[0])
+    if kind in _DELTA_CODECS and base is not None:
+        codec, used_base = _DELTA_CODECS[kind], bytes(base[0])
     else:
         codec, used_base = (Codec.GROUPED_ZSTD if w > 1 else Codec.ZSTD), _NO_BASE
     if len(payload) > raw_len * (1 - _MIN_SAVING):
@@ -128,14 +137,19 @@ def decode(frame: bytes | memoryview, expected: ChunkId, base: bytes | memoryvie
             data = bytes(payload)
         else:
             plain = zstandard.ZstdDecompressor().decompress(payload, max_output_size=hdr.raw_len)
-            if hdr.codec in (Codec.GROUPED_ZSTD, Codec.DELTA_GROUPED_ZSTD) and hdr.width > 1:
+            if hdr.width > 1:
                 if len(plain) % hdr.width:
                     raise CorruptChunk(f"{len(plain)} bytes are not whole {hdr.width}-byte elements")
                 plain = ungroup_bytes(plain, hdr.width)
-            if hdr.codec == Codec.DELTA_GROUPED_ZSTD:
+            if hdr.codec in (Codec.DELTA_GROUPED_ZSTD, Codec.SUB_GROUPED_ZSTD):
                 if base is None or len(base) != len(plain):
                     raise CorruptChunk("delta frame decoded without its base (or with a base of the wrong size)")
-                plain = xor_bytes(plain, base)
+                if hdr.codec == Codec.DELTA_GROUPED_ZSTD:
+                    plain = xor_bytes(plain, base)
+                elif hdr.width in (2, 4, 8):
+                    plain = sub_decode(plain, base, hdr.width)
+                else:
+                    raise CorruptChunk(f"difference frame with element width {hdr.width}")
             data = plain
     except zstandard.ZstdError as exc:
         raise CorruptChunk(f"cannot decompress: {exc}") from None

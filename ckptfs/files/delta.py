@@ -1,54 +1,99 @@
 """Delta coding policy: which stored chunk a new piece is XOR'd against, and the encode step itself.
 
 A new version of a file finds, for each of its slots, the latest chunk stored for that slot by any file
-with the same layout signature (``ChunkIndex.slot_bases``). Chains are bounded by ``max_chain``: a base
-already ``max_chain`` deltas deep is replaced by the keyframe at the root of its chain, so reading any
-chunk decodes at most ``max_chain`` deltas. ``max_chain = 1`` is "delta against the keyframe";
-larger values chain against the previous version. A new keyframe is written whenever the delta does not
-beat plain byte-grouped compression (training drifted far from the keyframe).
+with the same layout signature (``ChunkIndex.slot_bases``). That latest chunk is the base when
+
+* its chain is shorter than ``max_chain`` (so reading any chunk decodes at most ``max_chain`` deltas), and
+* its plain bytes are still in the ingester's ``BaseCache`` (or it is a keyframe), so encoding never
+  decodes a chain: at most one base is decoded per piece.
+
+Otherwise the base is the keyframe at the root of the latest chunk's chain. ``max_chain = 1`` is
+"always against the keyframe". A new keyframe is written whenever the delta does not beat plain
+byte-grouped compression (training drifted far from the keyframe).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from ckptfs.cache import ChunkCache
-from ckptfs.codec import Codec, encode, parse_header
+from ckptfs.codec import encode, parse_header
 from ckptfs.errors import CorruptChunk, NotFound
 from ckptfs.files.chunks import ChunkIndex, SlotBase
 from ckptfs.files.reader import MAX_CHAIN, fetch_and_decode
 from ckptfs.types import ChunkId
 
 
-def choose_base(chunks: ChunkIndex, candidate: SlotBase | None, max_chain: int) -> tuple[ChunkId, int] | None:
-    """The (base chunk, its depth) for a new piece, or None to store a keyframe. Trio thread, no checkpoint."""
+class BaseCache:
+    """Plain bytes of recently ingested pieces, by chunk id: the likely bases of the next version.
+
+    Trio thread only; bounded by bytes (LRU). Threads receive the bytes, never the cache.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[ChunkId, bytes] = OrderedDict()
+        self._size = 0
+
+    def get(self, cid: ChunkId) -> bytes | None:
+        data = self._data.get(cid)
+        if data is not None:
+            self._data.move_to_end(cid)
+        return data
+
+    def put(self, cid: ChunkId, data: bytes) -> None:
+        if self.capacity <= 0 or len(data) > self.capacity:
+            return
+        old = self._data.pop(cid, None)
+        if old is not None:
+            self._size -= len(old)
+        self._data[cid] = data
+        self._size += len(data)
+        while self._size > self.capacity:
+            _, dropped = self._data.popitem(last=False)
+            self._size -= len(dropped)
+
+
+def choose_base(
+    chunks: ChunkIndex, candidate: SlotBase | None, max_chain: int, cache: BaseCache
+) -> tuple[ChunkId, int, bytes | None] | None:
+    """(base chunk, its depth, its plain bytes if cached) for a new piece, or None for a keyframe.
+
+    Trio thread, no checkpoint.
+    """
     if candidate is None or max_chain <= 0:
         return None
     cid, depth = candidate.chunk, candidate.depth
+    if depth < max_chain:
+        cached = cache.get(cid)
+        if cached is not None or depth == 0:
+            return cid, depth, cached
     hops = 0
-    while depth >= max_chain:
+    while depth > 0:  # walk to the keyframe at the root of the chain
         row = chunks.db.one("SELECT base, depth FROM chunks WHERE id=?", (cid,))
         if row is None or row[0] is None or hops > MAX_CHAIN:
             return None
-        cid, depth = ChunkId(bytes(row[0])), int(row[1]) - 1
+        cid, depth = ChunkId(bytes(row[0])), depth - 1
         hops += 1
     row = chunks.db.one("SELECT depth FROM chunks WHERE id=?", (cid,))
-    if row is None:
+    if row is None or int(row[0]) != 0:
         return None
-    return cid, int(row[0])
+    return cid, 0, cache.get(cid)
 
 
 def encode_piece(
-    cache: ChunkCache, data: bytes, level: int, width: int, base: ChunkId | None
+    cache: ChunkCache, data: bytes, level: int, width: int, base: ChunkId | None, base_bytes: bytes | None
 ) -> tuple[bytes, int, ChunkId | None]:
     """Worker thread: encode ``data``, against ``base`` when given. Returns (frame, codec, base used or None).
 
-    An unreadable or corrupt base is not fatal: the piece is stored as a keyframe instead.
+    ``base_bytes`` are the base's plain bytes when the caller has them; else the base is decoded from the
+    cache. An unreadable or corrupt base is not fatal: the piece is stored as a keyframe instead.
     """
     base_pair = None
     if base is not None:
         try:
-            base_pair = (base, fetch_and_decode(cache, base))
+            base_pair = (base, base_bytes if base_bytes is not None else fetch_and_decode(cache, base))
         except (CorruptChunk, NotFound, OSError):
             base_pair = None
     frame, codec = encode(data, level, width, base_pair)
-    used = parse_header(frame).base if codec == Codec.DELTA_GROUPED_ZSTD else None
-    return frame, int(codec), used
+    return frame, int(codec), parse_header(frame).base  # set only when a delta codec won

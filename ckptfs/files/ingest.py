@@ -31,7 +31,7 @@ from ckptfs.codec import chunk_id
 from ckptfs.errors import CacheFull
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.contents import FileContents
-from ckptfs.files.delta import choose_base, encode_piece
+from ckptfs.files.delta import BaseCache, choose_base, encode_piece
 from ckptfs.files.plan import plan_file
 from ckptfs.files.workers import Workers
 from ckptfs.types import ChunkId, InodeId, Piece, VersionId, VersionState
@@ -48,6 +48,7 @@ class IngestSettings:
     parallel_pieces: int
     max_chain: int = 1
     base_grace_s: int = 600
+    base_cache_bytes: int = 512 * 1024 * 1024
 
 
 class _VersionChanged(Exception):
@@ -82,6 +83,7 @@ class Ingester:
         self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.bases = BaseCache(settings.base_cache_bytes)
         self.bytes_ingested = 0
         self.seconds_busy = 0.0
 
@@ -177,7 +179,7 @@ class Ingester:
                             await wait.wait()
                             continue
                         try:
-                            base = choose_base(self.chunks, slot_map.get(piece.slot or ""), s.max_chain)
+                            base = choose_base(self.chunks, slot_map.get(piece.slot or ""), s.max_chain, self.bases)
                             if base is not None:
                                 self.chunks.pin(base[0])
                                 pinned.append(base[0])
@@ -188,6 +190,7 @@ class Ingester:
                                 s.zstd_level,
                                 piece.elem_width,
                                 None if base is None else base[0],
+                                None if base is None else base[2],
                             )
                             await self.workers.run_background(self.chunks.cache.put, cid, frame)
                             depth = base[1] + 1 if used is not None and base is not None else 0
@@ -195,6 +198,10 @@ class Ingester:
                             new_chunks.append(cid)
                         finally:
                             self.chunks.release_claim(cid)
+                    if piece.slot:  # keep what the next version of this slot will use as its base
+                        stored_depth = self.chunks.depth(cid)
+                        if stored_depth is not None and (stored_depth == 0 or s.max_chain > 1):
+                            self.bases.put(cid, data)
                 finally:
                     limit.release()
 

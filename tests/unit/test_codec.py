@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 
 from ckptfs.codec import Codec, chunk_id, decode, encode, parse_header
 from ckptfs.codec.frame import HEADER_SIZE
-from ckptfs.codec.transform import group_bytes, ungroup_bytes
+from ckptfs.codec.transform import group_bytes, sub_decode, sub_encode, ungroup_bytes
 from ckptfs.errors import CorruptChunk
+
+DELTA = (Codec.DELTA_GROUPED_ZSTD, Codec.SUB_GROUPED_ZSTD)
 
 
 @given(st.binary(max_size=20_000), st.sampled_from([0, 1, 2, 4, 8]), st.integers(1, 5))
@@ -55,7 +57,7 @@ def test_delta_against_a_close_base_wins_and_needs_the_base(dtype):
     rng = np.random.default_rng(5)
     a, b = _drifted(rng, 1 << 18, dtype, 1e-5)
     frame, codec = encode(b, 3, 0, (chunk_id(a), a))
-    assert codec == Codec.DELTA_GROUPED_ZSTD and parse_header(frame).base == chunk_id(a)
+    assert codec in DELTA and parse_header(frame).base == chunk_id(a)
     alone, _ = encode(b, 3, 0)
     assert len(frame) < 0.9 * len(alone)
     assert decode(frame, chunk_id(b), a) == b
@@ -71,7 +73,7 @@ def test_unrelated_base_is_not_used():
     a = rng.bytes(1 << 16)
     b = (rng.standard_normal(1 << 14) * 0.02).astype(np.float32).tobytes()
     frame, codec = encode(b, 3, 0, (chunk_id(a), a))
-    assert codec != Codec.DELTA_GROUPED_ZSTD and parse_header(frame).base is None
+    assert codec not in DELTA and parse_header(frame).base is None
     assert decode(frame, chunk_id(b)) == b
 
 
@@ -93,7 +95,7 @@ def test_delta_roundtrip_property(dtype, n, scale, seed, width):
         ].astype(dtype)
         b = arr.tobytes()
     frame, codec = encode(b, 1, width, (chunk_id(a), a))
-    base = a if codec == Codec.DELTA_GROUPED_ZSTD else None
+    base = a if codec in DELTA else None
     assert decode(frame, chunk_id(b), base) == b
 
 
@@ -130,3 +132,21 @@ def test_wrong_id_and_truncation_are_detected():
         decode(frame[:-1], chunk_id(b"abc" * 100))
     with pytest.raises(CorruptChunk):
         decode(frame[:10], chunk_id(b"abc" * 100))
+
+
+@given(st.sampled_from([2, 4, 8]), st.data())
+def test_zigzag_difference_is_exact_for_any_bits(width, data):
+    n = data.draw(st.integers(0, 64))
+    new = data.draw(st.binary(min_size=n * width, max_size=n * width))
+    old = data.draw(st.binary(min_size=n * width, max_size=n * width))
+    assert sub_decode(sub_encode(new, old, width), old, width) == new
+
+
+def test_difference_beats_xor_across_a_carry():
+    rng = np.random.default_rng(7)
+    old = rng.integers(0x3F7FFE00, 0x3F7FFFFF, 1 << 14, dtype=np.uint32)
+    new = old + rng.integers(1, 1024, 1 << 14, dtype=np.uint32)  # many cross 0x3F800000: XOR sees ~24 bits flip
+    a, b = old.tobytes(), new.tobytes()
+    frame, codec = encode(b, 3, 4, (chunk_id(a), a))
+    assert codec == Codec.SUB_GROUPED_ZSTD
+    assert decode(frame, chunk_id(b), a) == b
