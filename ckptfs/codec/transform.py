@@ -86,15 +86,19 @@ def candidates(length: int, widths: list[int], with_base: bool) -> list[tuple[st
 def best_candidate(
     data: bytes | memoryview, base: bytes | memoryview | None, options: list[tuple[str, int]]
 ) -> tuple[str, int]:
-    """Rank (transform, width) options by the zstd-1 size of a sample from the middle of ``data``.
+    """Rank (transform, width) options by the zstd-1 size of ``data`` (of a 128 KiB sample from its middle
+    when it is larger).
 
     Ties prefer the earlier option. ``base`` is as long as ``data`` (or None when there is none).
     """
     n = len(data)
-    if n < 4096 or len(options) == 1:
+    if len(options) == 1:
         return options[0]
-    size = min(_SAMPLE, n) & ~7
-    start = max(0, n // 2 - size // 2) & ~7
+    if n <= _SAMPLE:  # small: rank on all of it
+        size, start = n, 0
+    else:
+        size = _SAMPLE
+        start = (n // 2 - size // 2) & ~7
     sample = memoryview(data)[start : start + size]
     base_sample = None if base is None else memoryview(base)[start : start + size]
     cctx = zstandard.ZstdCompressor(level=1)

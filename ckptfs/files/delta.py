@@ -3,13 +3,14 @@
 A new version of a file finds, for each of its slots, the latest chunk stored for that slot by any file
 with the same layout signature (``ChunkIndex.slot_bases``). That latest chunk is the base when
 
-* its chain is shorter than ``max_chain`` (so reading any chunk decodes at most ``max_chain`` deltas), and
+* its chain is shorter than ``max_chain`` (so reading any chunk decodes at most ``max_chain`` deltas),
 * its plain bytes are still in the ingester's ``BaseCache`` (or it is a keyframe), so encoding never
-  decodes a chain: at most one base is decoded per piece.
+  decodes a chain: at most one base is decoded per piece, and
+* it is *live*: part of another existing file's current content (see ``choose_base``).
 
-Otherwise the base is the keyframe at the root of the latest chunk's chain. ``max_chain = 1`` is
-"always against the keyframe". A new keyframe is written whenever the delta does not beat plain
-byte-grouped compression (training drifted far from the keyframe).
+Otherwise the base is the keyframe at the root of the latest chunk's chain, if that is live; else the
+piece is stored as a keyframe. ``max_chain = 1`` is "always against the keyframe". A new keyframe is
+also written whenever the delta does not beat plain byte-grouped compression.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ckptfs.codec import encode, parse_header
 from ckptfs.errors import CorruptChunk, NotFound
 from ckptfs.files.chunks import ChunkIndex, SlotBase
 from ckptfs.files.reader import MAX_CHAIN, fetch_and_decode
-from ckptfs.types import ChunkId
+from ckptfs.types import ChunkId, InodeId
 
 
 class BaseCache:
@@ -54,31 +55,49 @@ class BaseCache:
             self._size -= len(dropped)
 
 
-def choose_base(
-    chunks: ChunkIndex, candidate: SlotBase | None, max_chain: int, cache: BaseCache
-) -> tuple[ChunkId, int, bytes | None] | None:
-    """(base chunk, its depth, its plain bytes if cached) for a new piece, or None for a keyframe.
+def _live(chunks: ChunkIndex, cid: ChunkId, inode: InodeId) -> bool:
+    """Is ``cid`` part of what another existing file shows now? Only then does it cost nothing as a base."""
+    row = chunks.db.one(
+        "SELECT 1 FROM extents e JOIN inodes i ON i.version = e.version"
+        " WHERE e.chunk=? AND i.nlink > 0 AND i.id <> ? LIMIT 1",
+        (cid, inode),
+    )
+    return row is not None
 
-    Trio thread, no checkpoint.
+
+def _root(chunks: ChunkIndex, cid: ChunkId, depth: int) -> ChunkId | None:
+    """The keyframe at the root of ``cid``'s chain."""
+    hops = 0
+    while depth > 0:
+        row = chunks.db.one("SELECT base FROM chunks WHERE id=?", (cid,))
+        if row is None or row[0] is None or hops > MAX_CHAIN:
+            return None
+        cid, depth = ChunkId(bytes(row[0])), depth - 1
+        hops += 1
+    row = chunks.db.one("SELECT depth FROM chunks WHERE id=?", (cid,))
+    return cid if row is not None and int(row[0]) == 0 else None
+
+
+def choose_base(
+    chunks: ChunkIndex, candidate: SlotBase | None, max_chain: int, cache: BaseCache, inode: InodeId
+) -> tuple[ChunkId, int, bytes | None] | None:
+    """(base chunk, its depth, its plain bytes if cached) for a new piece of ``inode``, or None for a keyframe.
+
+    A base must be *live*: part of another existing file's current content. A base that is not would
+    be kept only for this delta — for an overwritten ``latest.pt`` or a file replaced by tmp + rename
+    that costs more than storing a keyframe, since the old content is going away. Trio thread, no checkpoint.
     """
     if candidate is None or max_chain <= 0:
         return None
     cid, depth = candidate.chunk, candidate.depth
     if depth < max_chain:
         cached = cache.get(cid)
-        if cached is not None or depth == 0:
+        if (cached is not None or depth == 0) and _live(chunks, cid, inode):
             return cid, depth, cached
-    hops = 0
-    while depth > 0:  # walk to the keyframe at the root of the chain
-        row = chunks.db.one("SELECT base, depth FROM chunks WHERE id=?", (cid,))
-        if row is None or row[0] is None or hops > MAX_CHAIN:
-            return None
-        cid, depth = ChunkId(bytes(row[0])), depth - 1
-        hops += 1
-    row = chunks.db.one("SELECT depth FROM chunks WHERE id=?", (cid,))
-    if row is None or int(row[0]) != 0:
+    root = _root(chunks, cid, depth)
+    if root is None or not _live(chunks, root, inode):
         return None
-    return cid, 0, cache.get(cid)
+    return root, 0, cache.get(root)
 
 
 def encode_piece(

@@ -165,6 +165,7 @@ class Ingester:
             slot_map = self.chunks.slot_bases(signature) if signature else {}
             results: dict[int, ChunkId] = {}
             new_chunks: list[ChunkId] = []
+            used_bases: list[ChunkId] = []
             limit = trio.Semaphore(s.parallel_pieces)
 
             async def one(piece: Piece) -> None:
@@ -179,7 +180,9 @@ class Ingester:
                             await wait.wait()
                             continue
                         try:
-                            base = choose_base(self.chunks, slot_map.get(piece.slot or ""), s.max_chain, self.bases)
+                            base = choose_base(
+                                self.chunks, slot_map.get(piece.slot or ""), s.max_chain, self.bases, inode
+                            )
                             if base is not None:
                                 self.chunks.pin(base[0])
                                 pinned.append(base[0])
@@ -195,6 +198,8 @@ class Ingester:
                             await self.workers.run_background(self.chunks.cache.put, cid, frame)
                             depth = base[1] + 1 if used is not None and base is not None else 0
                             self.chunks.record_stored(cid, codec, len(data), len(frame), used, depth)
+                            if used is not None:
+                                used_bases.append(used)
                             new_chunks.append(cid)
                         finally:
                             self.chunks.release_claim(cid)
@@ -220,8 +225,7 @@ class Ingester:
             await self.workers.run_background(self.chunks.cache.sync_dirs, new_chunks)
             if not self.contents.still_sealed(inode, vid, gen):
                 return
-            base_versions = [b.version for b in slot_map.values()]
-            base_version = max(set(base_versions), key=base_versions.count) if base_versions else None
+            base_version = self._base_version(used_bases)
             self._commit(inode, vid, size, layout, signature, base_version, pieces, results)
             self.bytes_ingested += size
             self.seconds_busy += time.monotonic() - started
@@ -237,6 +241,17 @@ class Ingester:
             os.close(fd)
             self.chunks.unpin(pinned)
             self.chunks.collect(set(pinned))
+
+    def _base_version(self, used_bases: list[ChunkId]) -> VersionId | None:
+        """The version most of this version's delta bases came from (for ``ls-versions``)."""
+        votes: Counter[int] = Counter()
+        for cid in used_bases[:64]:
+            row = self.contents.db.one(
+                "SELECT version FROM extents WHERE chunk=? ORDER BY version DESC LIMIT 1", (cid,)
+            )
+            if row is not None:
+                votes[int(row[0])] += 1
+        return VersionId(votes.most_common(1)[0][0]) if votes else None
 
     def _commit(
         self,

@@ -48,8 +48,8 @@ def test_series_reads_back_bit_exact_after_its_bases_are_deleted(mount, dtype):
         torch.save(state, mount.path(name))
         mount.wait_local(name)
     vs = versions(mount)
-    for prev, name in zip(names, names[1:], strict=False):
-        assert vs[name]["base_path"] == prev, vs[name]
+    for i, name in enumerate(names[1:], 1):
+        assert vs[name]["base_path"] in names[:i], vs[name]  # an earlier checkpoint of the series
         assert deltas(vs[name]) > 0, vs[name]
     for name in names[:3]:
         os.unlink(mount.path(name))
@@ -62,23 +62,28 @@ def test_series_reads_back_bit_exact_after_its_bases_are_deleted(mount, dtype):
 
 def test_base_selection_overwrite_rename_new_directory(mount):
     states = train_series(5)
+    # Overwriting latest.pt: its old content is going away, so it is no base (keeping it would cost more
+    # than a keyframe); the path ends up storing one checkpoint, not two.
     torch.save(states[0], mount.path("latest.pt"))
     mount.wait_local("latest.pt")
-    first = versions(mount)["latest.pt"]["version"]
-    torch.save(states[1], mount.path("latest.pt"))  # overwrite: base = the path's previous version
+    one = mount.stats()["total"]["stored_bytes"]
+    torch.save(states[1], mount.path("latest.pt"))
     mount.wait_local("latest.pt")
     v = versions(mount)["latest.pt"]
-    assert v["base_version"] == first and v["base_path"] == "latest.pt"
+    assert v["base_version"] is None and deltas(v) == 0
+    assert mount.stats()["total"]["stored_bytes"] < 1.1 * one
 
+    # A file with the same layout that still exists is a base: keep.pt serves model.pt, which replaces
+    # an older model.pt through tmp + rename.
+    torch.save(states[2], mount.path("keep.pt"))
+    mount.wait_local("keep.pt")
     torch.save(states[0], mount.path("model.pt"))
     mount.wait_local("model.pt")
-    old = versions(mount)["model.pt"]["version"]
-    torch.save(states[2], mount.path("model.pt.tmp"))
-    os.replace(mount.path("model.pt.tmp"), mount.path("model.pt"))  # tmp + rename: the replaced file is the base
+    torch.save(states[3], mount.path("model.pt.tmp"))
+    os.replace(mount.path("model.pt.tmp"), mount.path("model.pt"))
     mount.wait_local("model.pt")
     v = versions(mount)["model.pt"]
-    assert deltas(v) > 0
-    assert v["base_version"] in (old, versions(mount)["latest.pt"]["version"])  # same layout: any recent one
+    assert deltas(v) > 0 and v["base_path"] in ("keep.pt", "latest.pt"), v
 
     (mount.path("run1")).mkdir()
     (mount.path("run2")).mkdir()
