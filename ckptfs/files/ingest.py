@@ -51,6 +51,10 @@ class IngestSettings:
     base_cache_bytes: int = 512 * 1024 * 1024
 
 
+# Smaller unparsed files keep content-defined chunking even when a same-named twin exists.
+_MIN_POSITIONAL = 1024 * 1024
+
+
 class _VersionChanged(Exception):
     """The staging file changed under the ingest (it was truncated); its next seal re-queues it."""
 
@@ -161,7 +165,10 @@ class Ingester:
         pinned: list[ChunkId] = []
         try:
             s = self.settings
-            layout, signature, pieces = await self.workers.run_background(plan_file, fd, size, s.piece_size, s.cdc_avg)
+            positional = self._positional_key(inode, size)
+            layout, signature, pieces = await self.workers.run_background(
+                plan_file, fd, size, s.piece_size, s.cdc_avg, positional
+            )
             slot_map = self.chunks.slot_bases(signature) if signature else {}
             results: dict[int, ChunkId] = {}
             new_chunks: list[ChunkId] = []
@@ -241,6 +248,22 @@ class Ingester:
             os.close(fd)
             self.chunks.unpin(pinned)
             self.chunks.collect(set(pinned))
+
+    def _positional_key(self, inode: InodeId, size: int) -> str | None:
+        """'name:size' when another existing file has this file's name and size (a sibling shard of an
+        earlier step), so pieces at fixed offsets can be delta-coded against it; else None."""
+        if size < _MIN_POSITIONAL:
+            return None
+        db = self.contents.db
+        row = db.one("SELECT name FROM dirents WHERE inode=? LIMIT 1", (inode,))
+        if row is None:
+            return None
+        twin = db.one(
+            "SELECT 1 FROM dirents d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.name=? AND i.size=? AND i.id<>? AND i.nlink > 0 LIMIT 1",
+            (row[0], size, inode),
+        )
+        return None if twin is None else f"{bytes(row[0]).decode(errors='replace')}:{size}"
 
     def _base_version(self, used_bases: list[ChunkId]) -> VersionId | None:
         """The version most of this version's delta bases came from (for ``ls-versions``)."""

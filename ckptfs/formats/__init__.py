@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ckptfs.formats.layout import Record, plan_records, signature
+from ckptfs.formats.layout import Record, cut, plan_records, signature
 from ckptfs.formats.safetensors import safetensors_records
 from ckptfs.formats.torchzip import torchzip_records
 
-__all__ = ["Record", "plan_records", "signature", "safetensors_records", "torchzip_records"]
+__all__ = ["Record", "cut", "plan_records", "signature", "safetensors_records", "torchzip_records"]

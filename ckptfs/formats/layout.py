@@ -27,6 +27,11 @@ class Record:
     width: int = 0
 
 
+def cut(start: int, end: int, piece: int, slot: str, width: int = 0) -> list[Piece]:
+    """Fixed pieces of ``[start, end)`` named ``slot#0``, ``slot#1``, ..."""
+    return _cut(start, end, piece, slot, width)
+
+
 def _cut(start: int, end: int, piece: int, slot: str, width: int) -> list[Piece]:
     out = []
     i = 0

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS dirents (
     UNIQUE (parent, name)
 );
 CREATE INDEX IF NOT EXISTS dirents_inode ON dirents (inode);
+CREATE INDEX IF NOT EXISTS dirents_name ON dirents (name);
 -- Versions of a file's contents.
 CREATE TABLE IF NOT EXISTS versions (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS versions (
     size       INTEGER NOT NULL DEFAULT 0,
     staging    TEXT,                     -- staging file name while state = 'staged'
     created_ns INTEGER NOT NULL,
-    layout     TEXT,                     -- 'torchzip' | 'safetensors' | 'cdc' once chunked
+    layout     TEXT,                     -- 'torchzip' | 'safetensors' | 'positional' | 'cdc' once chunked
     signature  TEXT,                     -- layout signature (NULL for content-defined chunking)
     base_version INTEGER,                -- version whose chunks served as delta bases (NULL = none)
     base_inode INTEGER                   -- the file that version belonged to (it may be gone since)

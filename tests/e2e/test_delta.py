@@ -142,3 +142,33 @@ def test_corrupt_base_makes_dependent_reads_fail_with_eio(mount):
     assert e.value.errno == errno.EIO
     res = mount.cli("fsck", "--cache", str(mount.cache), "--verify-data", check=False)
     assert res.returncode == 1
+
+
+def test_dcp_shards_get_positional_delta(mount):
+    """torch.distributed.checkpoint shards are not parsed; a same-named, same-sized shard of an earlier
+    step still lines up piece by piece (step_100/__0_0.distcp -> step_200/__0_0.distcp)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    state = {"w": torch.randn(1024, 1024) * 0.02, "b": torch.randn(1024)}
+    snapshots = []
+    for step in (100, 200, 300):
+        state["w"] += torch.randn(1024, 1024) * 1e-6
+        dcp.save(state, checkpoint_id=str(mount.path(f"step_{step}")))
+        snapshots.append({k: v.clone() for k, v in state.items()})
+        mount.wait_local(f"step_{step}/__0_0.distcp")
+    vs = versions(mount)
+    assert vs["step_100/__0_0.distcp"]["layout"] == "cdc"  # nothing to line up with yet
+    assert vs["step_200/__0_0.distcp"]["layout"] == "positional"
+    third = vs["step_300/__0_0.distcp"]
+    assert third["layout"] == "positional" and deltas(third) > 0, third
+    assert third["base_path"] == "step_200/__0_0.distcp"
+    assert third["stored"] < 0.8 * vs["step_200/__0_0.distcp"]["stored"]
+    mount.umount()
+    mount.start()
+    out = {"w": torch.empty(1024, 1024), "b": torch.empty(1024)}
+    dcp.load(out, checkpoint_id=str(mount.path("step_300")))
+    assert_state_equal(snapshots[2], out)
