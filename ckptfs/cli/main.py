@@ -7,10 +7,13 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ckptfs import __version__, config, daemon, fsck, stats
 from ckptfs import log as logsetup
@@ -18,6 +21,7 @@ from ckptfs.cli.mounts import mount_of
 from ckptfs.errors import UserError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _config(args: argparse.Namespace) -> config.Config:
@@ -126,18 +130,23 @@ def _cache_for(args: argparse.Namespace) -> tuple[str, str]:
     return _config(args).cache.dir, (args.path or "") if args.cache else ""
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def _query(args: argparse.Namespace, fn: Callable[[sqlite3.Connection, str], T]) -> T:
+    """Run a read-only query against the metadata of the mount (or ``--cache``) that ``args.path`` names."""
     cache_dir, rel = _cache_for(args)
     db = Path(cache_dir) / daemon.DB_NAME
     if not db.exists():
         raise UserError(f"no ckptfs metadata in {cache_dir}")
     conn = stats.open_readonly(db)
     try:
-        total, per_dir = stats.usage(conn, rel)
+        return fn(conn, rel)
     except FileNotFoundError:
         raise UserError(f"{rel} does not exist in the filesystem") from None
     finally:
         conn.close()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    total, per_dir = _query(args, stats.usage)
     if args.json:
         print(json.dumps({"total": total.as_dict(), "dirs": {k: v.as_dict() for k, v in sorted(per_dir.items())}}))
         return 0
@@ -163,17 +172,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_ls_versions(args: argparse.Namespace) -> int:
-    cache_dir, rel = _cache_for(args)
-    db = Path(cache_dir) / daemon.DB_NAME
-    if not db.exists():
-        raise UserError(f"no ckptfs metadata in {cache_dir}")
-    conn = stats.open_readonly(db)
-    try:
-        rows = stats.versions(conn, rel)
-    except FileNotFoundError:
-        raise UserError(f"{rel} does not exist in the filesystem") from None
-    finally:
-        conn.close()
+    rows = _query(args, stats.versions)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
         return 0
