@@ -96,6 +96,7 @@ def test_mount_bad_input(tmp_path, case):
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a read-only tmpfs")
 def test_read_only_cache_dir(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()

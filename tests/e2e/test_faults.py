@@ -13,6 +13,8 @@ from tests.helpers import digest
 
 @pytest.fixture
 def small_cache(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs as the cache disk")
     path = tmp_path / "smallcache"
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(path)], check=True)
