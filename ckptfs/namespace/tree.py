@@ -166,6 +166,11 @@ class Tree:
         self._dir(parent)
         if self._child(parent, name) is not None:
             raise PosixError(errno.EEXIST)
+        parent_mode, parent_gid = self.db.one("SELECT mode, gid FROM inodes WHERE id=?", (parent,)) or (0, gid)
+        if parent_mode & stat.S_ISGID:  # BSD group semantics in a setgid directory, as Linux filesystems do
+            gid = parent_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         now = time.time_ns()
         nlink = 2 if stat.S_ISDIR(mode) else 1
         with self.db.transaction() as c:  # atomic: no await until commit

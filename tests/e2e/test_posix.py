@@ -211,3 +211,14 @@ def test_hard_links_and_special_files(mount):
     assert mount.path("b").read_bytes() == b"one+two"
     res = mount.cli("fsck", "--cache", str(mount.cache))
     assert "0 problems" in res.stdout, res.stdout
+
+
+def test_setgid_directory_passes_its_group_on(mount):
+    d = mount.path("shared")
+    d.mkdir()
+    os.chown(d, 0, 4321)
+    os.chmod(d, 0o2775)
+    (d / "f").write_bytes(b"x")
+    (d / "sub").mkdir()
+    assert os.stat(d / "f").st_gid == 4321
+    assert os.stat(d / "sub").st_gid == 4321 and os.stat(d / "sub").st_mode & stat.S_ISGID
