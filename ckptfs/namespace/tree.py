@@ -365,6 +365,9 @@ class Tree:
             if writable:
                 keep = 0 if flags & os.O_TRUNC else None
                 handle.active = await self.contents.open_write(ino, keep)
+                if flags & os.O_TRUNC:  # POSIX: O_TRUNC marks mtime and ctime for update
+                    now = time.time_ns()
+                    self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, ino))
             elif flags & os.O_TRUNC:
                 raise PosixError(errno.EACCES)
         except BaseException:

@@ -222,3 +222,13 @@ def test_setgid_directory_passes_its_group_on(mount):
     (d / "sub").mkdir()
     assert os.stat(d / "f").st_gid == 4321
     assert os.stat(d / "sub").st_gid == 4321 and os.stat(d / "sub").st_mode & stat.S_ISGID
+
+
+def test_open_with_o_trunc_updates_times(mount):
+    p = mount.path("t")
+    p.write_bytes(b"content")
+    os.utime(p, ns=(1_000_000_000, 1_000_000_000))
+    ctime = os.stat(p).st_ctime_ns
+    os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+    st = os.stat(p)
+    assert st.st_size == 0 and st.st_mtime_ns > 1_000_000_000 and st.st_ctime_ns >= ctime
