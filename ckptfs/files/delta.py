@@ -4,7 +4,7 @@ A new version of a file finds, for each of its slots, the latest chunk stored fo
 with the same layout signature (``ChunkIndex.slot_bases``). That latest chunk is the base when
 
 * its chain is shorter than ``max_chain`` (so reading any chunk decodes at most ``max_chain`` deltas),
-* its plain bytes are still in the ingester's ``BaseCache`` (or it is a keyframe), so encoding never
+* its plain bytes are still in the ingester's base cache (or it is a keyframe), so encoding never
   decodes a chain: at most one base is decoded per piece, and
 * it is *live*: part of another existing file's current content (see ``choose_base``).
 
@@ -15,44 +15,13 @@ also written whenever the delta does not beat plain byte-grouped compression.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import encode, parse_header
 from ckptfs.errors import CorruptChunk, NotFound
 from ckptfs.files.chunks import ChunkIndex, SlotBase
+from ckptfs.files.lru import BytesLRU
 from ckptfs.files.reader import MAX_CHAIN, fetch_and_decode
 from ckptfs.types import ChunkId, InodeId
-
-
-class BaseCache:
-    """Plain bytes of recently ingested pieces, by chunk id: the likely bases of the next version.
-
-    Trio thread only; bounded by bytes (LRU). Threads receive the bytes, never the cache.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data: OrderedDict[ChunkId, bytes] = OrderedDict()
-        self._size = 0
-
-    def get(self, cid: ChunkId) -> bytes | None:
-        data = self._data.get(cid)
-        if data is not None:
-            self._data.move_to_end(cid)
-        return data
-
-    def put(self, cid: ChunkId, data: bytes) -> None:
-        if self.capacity <= 0 or len(data) > self.capacity:
-            return
-        old = self._data.pop(cid, None)
-        if old is not None:
-            self._size -= len(old)
-        self._data[cid] = data
-        self._size += len(data)
-        while self._size > self.capacity:
-            _, dropped = self._data.popitem(last=False)
-            self._size -= len(dropped)
 
 
 def _live(chunks: ChunkIndex, cid: ChunkId, inode: InodeId) -> bool:
@@ -79,7 +48,7 @@ def _root(chunks: ChunkIndex, cid: ChunkId, depth: int) -> ChunkId | None:
 
 
 def choose_base(
-    chunks: ChunkIndex, candidate: SlotBase | None, max_chain: int, cache: BaseCache, inode: InodeId
+    chunks: ChunkIndex, candidate: SlotBase | None, max_chain: int, cache: BytesLRU, inode: InodeId
 ) -> tuple[ChunkId, int, bytes | None] | None:
     """(base chunk, its depth, its plain bytes if cached) for a new piece of ``inode``, or None for a keyframe.
 

@@ -31,7 +31,8 @@ from ckptfs.codec import chunk_id
 from ckptfs.errors import CacheFull
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.contents import FileContents
-from ckptfs.files.delta import BaseCache, choose_base, encode_piece
+from ckptfs.files.delta import choose_base, encode_piece
+from ckptfs.files.lru import BytesLRU
 from ckptfs.files.plan import plan_file
 from ckptfs.files.workers import Workers
 from ckptfs.types import ChunkId, InodeId, Piece, VersionId, VersionState
@@ -87,7 +88,7 @@ class Ingester:
         self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
-        self.bases = BaseCache(settings.base_cache_bytes)
+        self.bases = BytesLRU(settings.base_cache_bytes, keep_last=False)  # plain bytes of likely bases
         self.bytes_ingested = 0
         self.seconds_busy = 0.0
 

@@ -17,6 +17,7 @@ import trio
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import decode, parse_header
 from ckptfs.errors import CorruptChunk
+from ckptfs.files.lru import BytesLRU
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
 from ckptfs.types import ChunkId, VersionId
@@ -52,9 +53,7 @@ class ChunkReader:
         self.db = db
         self.cache = cache
         self.workers = workers
-        self.cache_bytes = cache_bytes
-        self._decoded: OrderedDict[ChunkId, bytes] = OrderedDict()
-        self._decoded_size = 0
+        self._decoded = BytesLRU(cache_bytes, keep_last=True)
         self._pending: dict[ChunkId, trio.Event] = {}
         self._extents: OrderedDict[VersionId, Extents] = OrderedDict()
 
@@ -75,21 +74,6 @@ class ChunkReader:
     def forget_version(self, vid: VersionId) -> None:
         self._extents.pop(vid, None)
 
-    def cached(self, cid: ChunkId) -> bytes | None:
-        """Decoded bytes of ``cid`` if they are in memory. No checkpoint."""
-        return self._decoded.get(cid)
-
-    def remember(self, cid: ChunkId, data: bytes) -> None:
-        """Add decoded bytes to the LRU (the ingester offers the plain bytes it just stored)."""
-        if cid in self._decoded:
-            self._decoded.move_to_end(cid)
-            return
-        self._decoded[cid] = data
-        self._decoded_size += len(data)
-        while self._decoded_size > self.cache_bytes and len(self._decoded) > 1:
-            _, old = self._decoded.popitem(last=False)
-            self._decoded_size -= len(old)
-
     async def chunk(self, cid: ChunkId, _depth: int = 0) -> bytes:
         """Decoded bytes of ``cid``, decoding its delta bases first. Raises ``CorruptChunk`` or ``NotFound``.
 
@@ -97,7 +81,6 @@ class ChunkReader:
         """
         data = self._decoded.get(cid)
         if data is not None:
-            self._decoded.move_to_end(cid)
             return data
         if _depth > MAX_CHAIN:
             raise CorruptChunk(f"delta chain through {cid.hex()} is longer than {MAX_CHAIN}")
@@ -114,7 +97,7 @@ class ChunkReader:
         finally:
             del self._pending[cid]
             ev.set()
-        self.remember(cid, data)
+        self._decoded.put(cid, data)
         return data
 
     async def read(self, vid: VersionId, size_of_file: int, off: int, size: int, what: str) -> bytes:
