@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,19 +95,21 @@ def _resolve(conn: sqlite3.Connection, rel: str) -> int:
     return ino
 
 
-def usage(conn: sqlite3.Connection, rel: str = "") -> tuple[Usage, dict[str, Usage]]:
-    """(total of the subtree at ``rel``, per-directory usage keyed by path relative to the mount root)."""
-    start = _resolve(conn, rel)
-    chunk_info = {
-        bytes(r[0]): (int(r[1]), int(r[2]), int(r[3]))
-        for r in conn.execute("SELECT id, raw_len, stored, codec FROM chunks")
-    }
-    total = Usage()
-    per_dir: dict[str, Usage] = {}
+@dataclass(frozen=True, slots=True)
+class _File:
+    path: str
+    inode: int
+    size: int
+    version: int | None
+    state: str | None
+
+
+def _walk(conn: sqlite3.Connection, start: int, rel: str) -> Iterator[tuple[str, list[_File]]]:
+    """Every directory of the subtree at ``start`` (its path relative to the mount root) with its regular files."""
     stack: list[tuple[int, str]] = [(start, rel.strip("/"))]
     while stack:
         ino, path = stack.pop()
-        here = per_dir.setdefault(path or ".", Usage())
+        files = []
         rows = conn.execute(
             "SELECT d.name, i.id, i.mode, i.size, v.id, v.state FROM dirents d JOIN inodes i ON i.id = d.inode"
             " LEFT JOIN versions v ON v.id = i.version WHERE d.parent=?",
@@ -116,9 +119,24 @@ def usage(conn: sqlite3.Connection, rel: str = "") -> tuple[Usage, dict[str, Usa
             child_path = f"{path}/{name.decode(errors='replace')}" if path else name.decode(errors="replace")
             if stat.S_ISDIR(mode):
                 stack.append((child, child_path))
-                continue
-            if not stat.S_ISREG(mode):
-                continue
+            elif stat.S_ISREG(mode):
+                files.append(_File(child_path, child, size, vid, state))
+        yield path, files
+
+
+def usage(conn: sqlite3.Connection, rel: str = "") -> tuple[Usage, dict[str, Usage]]:
+    """(total of the subtree at ``rel``, per-directory usage keyed by path relative to the mount root)."""
+    start = _resolve(conn, rel)
+    chunk_info = {
+        bytes(r[0]): (int(r[1]), int(r[2]), int(r[3]))
+        for r in conn.execute("SELECT id, raw_len, stored, codec FROM chunks")
+    }
+    total = Usage()
+    per_dir: dict[str, Usage] = {}
+    for path, files in _walk(conn, start, rel):
+        here = per_dir.setdefault(path or ".", Usage())
+        for f in files:
+            size, vid, state = f.size, f.version, f.state
             for u in (here, total):
                 u.files += 1
                 u.logical += size
@@ -165,31 +183,27 @@ def versions(conn: sqlite3.Connection, rel: str = "") -> list[VersionInfo]:
     names = {int(c): bytes(n).decode(errors="replace") for c, n in conn.execute("SELECT inode, name FROM dirents")}
     parents = {int(c): int(p) for c, p in conn.execute("SELECT inode, parent FROM dirents")}
 
-    def path_of(ino: int) -> str:
+    def path_of(ino: int) -> str:  # for delta bases, which may live anywhere
         parts = []
         while ino != ROOT and ino in names:
             parts.append(names[ino])
             ino = parents[ino]
         return "/".join(reversed(parts))
 
-    targets: list[int] = []
-    stack = [start]
-    while stack:
-        ino = stack.pop()
-        mode = conn.execute("SELECT mode FROM inodes WHERE id=?", (ino,)).fetchone()[0]
-        if stat.S_ISREG(mode):
-            targets.append(ino)
-        elif stat.S_ISDIR(mode):
-            stack += [int(c) for (c,) in conn.execute("SELECT inode FROM dirents WHERE parent=?", (ino,))]
+    mode = conn.execute("SELECT mode FROM inodes WHERE id=?", (start,)).fetchone()[0]
+    if stat.S_ISREG(mode):
+        targets = [(rel.strip("/"), start)]
+    else:
+        targets = [(f.path, f.inode) for _, files in _walk(conn, start, rel) for f in files]
     out: list[VersionInfo] = []
-    for ino in sorted(targets, key=path_of):
+    for path, ino in sorted(targets):
         v = conn.execute(
             "SELECT v.id, v.state, v.size, v.layout, v.base_version, v.base_inode FROM inodes i"
             " JOIN versions v ON v.id = i.version WHERE i.id=?",
             (ino,),
         ).fetchone()
         if v is None:
-            out.append(VersionInfo(path_of(ino), None, "empty", 0))
+            out.append(VersionInfo(path, None, "empty", 0))
             continue
         mix = {
             CODEC_NAMES.get(int(codec), str(codec)): int(n)
@@ -204,5 +218,5 @@ def versions(conn: sqlite3.Connection, rel: str = "") -> list[VersionInfo]:
             (v[0],),
         ).fetchone()[0]
         base_path = path_of(v[5]) if v[5] is not None and v[5] in names else None
-        out.append(VersionInfo(path_of(ino), v[0], v[1], v[2], v[3], v[4], base_path, mix, int(stored)))
+        out.append(VersionInfo(path, v[0], v[1], v[2], v[3], v[4], base_path, mix, int(stored)))
     return out

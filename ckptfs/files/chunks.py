@@ -135,8 +135,9 @@ class ChunkIndex:
     def sweep_slots(self, grace_ns: int) -> int:
         """Forget slot entries of deleted versions older than ``grace_ns``, then collect. No checkpoint.
 
-        The grace period keeps a deleted file's chunks available as bases for a while: the
-        write-tmp-then-rename pattern deletes the old file before its successor is ingested.
+        Only live chunks serve as bases (``files.delta.choose_base``), but for the grace period a deleted
+        file's slot entries still lead a new version to the live keyframe at the root of their chain:
+        the write-tmp-then-rename pattern deletes the old file before its successor is ingested.
         """
         cutoff = time.time_ns() - grace_ns
         with self.db.transaction() as c:  # atomic: no await until commit

@@ -85,12 +85,9 @@ class Ingester:
         self._send, self._recv = trio.open_memory_channel[tuple[InodeId, VersionId]](math.inf)
         self._queued: set[VersionId] = set()
         self._again: set[VersionId] = set()
-        self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
         self.bases = BytesLRU(settings.base_cache_bytes, keep_last=False)  # plain bytes of likely bases
-        self.bytes_ingested = 0
-        self.seconds_busy = 0.0
 
     def submit(self, inode: InodeId, vid: VersionId) -> None:
         """Queue a sealed version (idempotent while queued). No checkpoint; callable from any trio task."""
@@ -130,7 +127,6 @@ class Ingester:
     async def _worker(self, recv: trio.MemoryReceiveChannel[tuple[InodeId, VersionId]], nursery: trio.Nursery) -> None:
         retries: Counter[VersionId] = Counter()
         async for inode, vid in recv:
-            self._busy += 1
             try:
                 await self._ingest(inode, vid)
                 retries.pop(vid, None)
@@ -144,7 +140,6 @@ class Ingester:
             except Exception:
                 log.exception("ingest of version %d failed unexpectedly; it stays staged", vid)
             finally:
-                self._busy -= 1
                 self._queued.discard(vid)
                 if vid in self._again:
                     self._again.discard(vid)
@@ -235,8 +230,6 @@ class Ingester:
                 return
             base_version = self._base_version(used_bases)
             self._commit(inode, vid, size, layout, signature, base_version, pieces, results)
-            self.bytes_ingested += size
-            self.seconds_busy += time.monotonic() - started
             log.debug(
                 "version %d: %d bytes -> %d pieces (%s) in %.2fs",
                 vid,

@@ -29,10 +29,6 @@ class Record:
 
 def cut(start: int, end: int, piece: int, slot: str, width: int = 0) -> list[Piece]:
     """Fixed pieces of ``[start, end)`` named ``slot#0``, ``slot#1``, ..."""
-    return _cut(start, end, piece, slot, width)
-
-
-def _cut(start: int, end: int, piece: int, slot: str, width: int) -> list[Piece]:
     out = []
     i = 0
     for off in range(start, end, piece):
@@ -57,12 +53,12 @@ def plan_records(records: list[Record], file_size: int, piece_size: int) -> list
         if rec.length < MIN_RECORD:
             continue
         if rec.offset > cursor:
-            pieces += _cut(cursor, rec.offset, piece_size, f"~after:{prev}", 0)
-        pieces += _cut(rec.offset, rec.offset + rec.length, piece_size, rec.name, rec.width)
+            pieces += cut(cursor, rec.offset, piece_size, f"~after:{prev}", 0)
+        pieces += cut(rec.offset, rec.offset + rec.length, piece_size, rec.name, rec.width)
         cursor = rec.offset + rec.length
         prev = rec.name
     if file_size > cursor:
-        pieces += _cut(cursor, file_size, piece_size, f"~after:{prev}", 0)
+        pieces += cut(cursor, file_size, piece_size, f"~after:{prev}", 0)
     return pieces
 
 
