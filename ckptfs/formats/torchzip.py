@@ -2,8 +2,9 @@
 
 torch.save writes an uncompressed ("stored") zip: ``<stem>/data.pkl``, ``<stem>/.format_version``,
 ``<stem>/.storage_alignment``, ``<stem>/byteorder``, then one ``<stem>/data/N`` record per storage,
-64-byte aligned, and zip64 structures for large archives. Only the directory and local headers are
-read (a few KiB), never the payload. Pure; callable from any thread.
+64-byte aligned, and zip64 structures for large archives. Only the directory, the local headers and
+``data.pkl`` (for each storage's element width) are read, never the tensor payload. Pure; callable
+from any thread.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import struct
 
 from ckptfs.formats.layout import Record
+from ckptfs.formats.torchpickle import MAX_PICKLE, storage_widths
 
 _EOCD = b"PK\x05\x06"
 _EOCD64_LOC = b"PK\x06\x07"
@@ -64,7 +66,8 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
 
 
 def torchzip_records(fd: int, file_size: int) -> list[Record] | None:
-    """Return the ``data/N`` records (name without the archive folder) or ``None`` if not a torch zip.
+    """Return the ``data/N`` records (name without the archive folder, element width from the pickle when
+    it says) or ``None`` if not a torch zip.
 
     ``None`` also for zips that torch did not write as stored records (anything compressed).
     """
@@ -76,6 +79,7 @@ def torchzip_records(fd: int, file_size: int) -> list[Record] | None:
             return None
         cd = _pread(fd, cd_size, cd_off)
         records: list[Record] = []
+        pickle_at: tuple[int, int] | None = None
         saw_pickle = False
         pos = 0
         for _ in range(count):
@@ -89,18 +93,31 @@ def torchzip_records(fd: int, file_size: int) -> list[Record] | None:
             inner = name.split("/", 1)[1] if "/" in name else name
             if inner == "data.pkl":
                 saw_pickle = True
+                start = _payload_start(fd, off)
+                if method == 0 and csize == usize and 0 <= start and start + usize <= file_size:
+                    pickle_at = (start, usize)
             if not inner.startswith("data/"):
                 continue
             if method != 0 or csize != usize:
                 return None
-            lfh = _pread(fd, 30, off)
-            if lfh[:4] != _LFH:
-                return None
-            lnlen, lxlen = struct.unpack_from("<HH", lfh, 26)
-            start = off + 30 + lnlen + lxlen
-            if start + usize > file_size:
+            start = _payload_start(fd, off)
+            if start < 0 or start + usize > file_size:
                 return None
             records.append(Record(inner, start, usize))
+        if not saw_pickle:
+            return None
+        if pickle_at is not None and pickle_at[1] <= MAX_PICKLE:
+            widths = storage_widths(_pread(fd, pickle_at[1], pickle_at[0]))
+            records = [Record(r.name, r.offset, r.length, widths.get(r.name[len("data/") :], 0)) for r in records]
     except (ValueError, struct.error):
         return None
-    return records if saw_pickle else None
+    return records
+
+
+def _payload_start(fd: int, header_offset: int) -> int:
+    """Where the bytes of the zip entry whose local header is at ``header_offset`` begin (-1: no header)."""
+    lfh = _pread(fd, 30, header_offset)
+    if lfh[:4] != _LFH:
+        return -1
+    lnlen, lxlen = struct.unpack_from("<HH", lfh, 26)
+    return header_offset + 30 + int(lnlen) + int(lxlen)

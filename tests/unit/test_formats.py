@@ -13,6 +13,7 @@ from ckptfs.chunker import cdc_pieces
 from ckptfs.files.plan import plan_file
 from ckptfs.formats import plan_records, safetensors_records, torchzip_records
 from ckptfs.formats.layout import MIN_RECORD, Record
+from ckptfs.formats.torchpickle import storage_widths
 from tests.helpers import make_state
 
 
@@ -71,6 +72,49 @@ def test_slots_match_between_checkpoints_although_offsets_move(tmp_path):
     assert sigs[0] == sigs[1]  # same layout: the second finds the first's chunks as delta bases
     big = [s for s in plans[0] if not s.startswith("~")]
     assert big and all(plans[0][s] == plans[1][s] for s in big)
+
+
+def test_torch_zip_record_widths_come_from_the_pickle(tmp_path):
+    dtypes = [
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+    ]
+    state = {"nested": [{str(d): torch.zeros(1000, dtype=d)} for d in dtypes], "step": 7, "name": "run7"}
+    path = tmp_path / "mixed.pt"
+    torch.save(state, path)
+    fd, size = _open(path)
+    try:
+        records = torchzip_records(fd, size)
+    finally:
+        os.close(fd)
+    assert records is not None
+    expected = {1: 1, 2: 2, 4: 4, 8: 8}
+    got = sorted(r.width for r in records)
+    want = sorted(4 if d == torch.complex64 else expected[torch.empty(0, dtype=d).element_size()] for d in dtypes)
+    assert got == want
+
+
+def test_the_pickle_is_never_run(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    data = pickle.dumps({"x": Evil(), "y": [1, 2, 3]})
+    assert storage_widths(data) == {}
+    assert not marker.exists()
+    assert storage_widths(b"not a pickle") == {}
+    assert storage_widths(pickle.dumps(list(range(10)))[:-3]) == {}  # truncated
 
 
 def test_not_a_torch_zip(tmp_path):
