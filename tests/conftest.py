@@ -113,11 +113,17 @@ class Mount:
                    and not _BENIGN.search(ln)]
             assert not bad, "daemon logged errors:\n" + "\n".join(bad)
 
-    def kill9(self) -> None:
+    def kill9(self, detach: bool = True) -> None:
+        """SIGKILL the daemon; with ``detach``, also lazily unmount the dead mount (ENOTCONN until then).
+        Stop every writer first: after the detach, writes land in the plain directory underneath."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.proc = None
+        if detach:
+            self.detach()
+
+    def detach(self) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
 
     def cleanup(self) -> None:

@@ -63,10 +63,11 @@ def test_kill9_during_checkpoint_series(mount_factory, tmp_path, seed):
         while len(_closed_files(log)) < 3 + seed and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(rng.random() * 0.5)  # somewhere mid-write and mid-ingest
-        m.kill9()
+        m.kill9(detach=False)
     finally:
         writer.kill()
         writer.wait()
+        m.detach()  # only now: a writer still running would write into the plain directory underneath
     closed = _closed_files(log)
     assert len(closed) >= 3, "the writer made no progress before the kill"
     m.start()
