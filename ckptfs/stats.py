@@ -14,13 +14,15 @@ from pathlib import Path
 from ckptfs.codec import Codec
 
 ROOT = 1
-DELTA_CODECS = {int(Codec.DELTA_GROUPED_ZSTD), int(Codec.SUB_GROUPED_ZSTD)}
+DELTA_CODECS = {int(Codec.DELTA_GROUPED_ZSTD), int(Codec.SUB_GROUPED_ZSTD), int(Codec.SUB_PCO)}
 CODEC_NAMES = {
     int(Codec.RAW): "raw",
     int(Codec.ZSTD): "zstd",
     int(Codec.GROUPED_ZSTD): "grouped",
     int(Codec.DELTA_GROUPED_ZSTD): "delta-xor",
     int(Codec.SUB_GROUPED_ZSTD): "delta-sub",
+    int(Codec.PCO): "pco",
+    int(Codec.SUB_PCO): "delta-pco",
 }
 
 

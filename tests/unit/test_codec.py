@@ -7,12 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptfs.codec import Codec, chunk_id, decode, encode, parse_header
+from ckptfs.codec import Codec, chunk_id, decode, encode, encode_pco, parse_header
 from ckptfs.codec.frame import HEADER_SIZE
+from ckptfs.codec.numeric import pco_decode, pco_encode
 from ckptfs.codec.transform import group_bytes, sub_decode, sub_encode, ungroup_bytes
 from ckptfs.errors import CorruptChunk
 
-DELTA = (Codec.DELTA_GROUPED_ZSTD, Codec.SUB_GROUPED_ZSTD)
+DELTA = (Codec.DELTA_GROUPED_ZSTD, Codec.SUB_GROUPED_ZSTD, Codec.SUB_PCO)
+PCO = 8  # the pcodec level used where a test wants the Pco forms to compete
 
 
 @given(st.binary(max_size=20_000), st.sampled_from([0, 1, 2, 4, 8]), st.integers(1, 5))
@@ -27,12 +29,57 @@ def test_roundtrip_any_bytes(data, width, level):
     st.sampled_from([np.float16, np.float32, np.float64]),
     st.lists(st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True, width=16), max_size=3000),
 )
+@settings(deadline=None)
 def test_roundtrip_float_arrays_with_specials(dtype, values):
     arr = np.array(values, dtype=np.float64).astype(dtype)
     data = arr.tobytes()
-    frame, _ = encode(data, 3, arr.itemsize)
-    out = np.frombuffer(decode(frame, chunk_id(data)), dtype=dtype)
-    assert out.tobytes() == data  # bit-exact, NaN payloads included
+    for frame in (encode(data, 3, arr.itemsize)[0], encode_pco(data, arr.itemsize, PCO)):
+        out = np.frombuffer(decode(frame, chunk_id(data)), dtype=dtype)
+        assert out.tobytes() == data  # bit-exact, NaN payloads included
+
+
+@given(st.sampled_from([2, 4, 8]), st.sampled_from(["plain", "sub"]), st.integers(0, 12), st.data())
+@settings(deadline=None)
+def test_pcodec_forms_are_exact_for_any_bits(width, kind, level, data):
+    n = data.draw(st.integers(0, 300))
+    new = data.draw(st.binary(min_size=n * width, max_size=n * width))  # any bits: NaN payloads, -0.0, ...
+    old = data.draw(st.binary(min_size=n * width, max_size=n * width)) if kind == "sub" else None
+    payload = pco_encode(kind, new, old, width, level)
+    assert pco_decode(kind, payload, old, width) == new
+
+
+def _as(values: np.ndarray, dtype: str) -> bytes:
+    f32 = values.astype(np.float32)
+    if dtype == "bfloat16":  # the top half of each float32 (truncated)
+        return (f32.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    return f32.tobytes()
+
+
+def _from(data: bytes, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(data, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pcodec_frames_beat_zstd_on_floats_and_need_their_base(dtype):
+    rng = np.random.default_rng(11)
+    n = 1 << 18
+    a = _as(rng.standard_normal(n) * 0.02, dtype)
+    b = _as(_from(a, dtype) + rng.standard_normal(n).astype(np.float32) * 1e-4, dtype)
+    w = 2 if dtype == "bfloat16" else 4
+    key = encode_pco(a, w, PCO)
+    assert parse_header(key).codec == Codec.PCO and len(key) < len(encode(a, 3, w)[0])
+    delta = encode_pco(b, w, PCO, (chunk_id(a), a))
+    assert parse_header(delta).codec == Codec.SUB_PCO and parse_header(delta).base == chunk_id(a)
+    assert len(delta) < len(encode(b, 3, w, (chunk_id(a), a))[0])
+    assert decode(key, chunk_id(a)) == a and decode(delta, chunk_id(b), a) == b
+    with pytest.raises(CorruptChunk):
+        decode(delta, chunk_id(b))  # a Pco difference needs its base too
+    with pytest.raises(CorruptChunk):
+        decode(delta, chunk_id(b), bytes(len(a)))  # the wrong base: the id check fails
+    with pytest.raises(ValueError):
+        encode_pco(a[:-1], w, PCO)  # not whole elements
 
 
 def test_grouping_helps_floats_and_is_chosen():
@@ -97,6 +144,10 @@ def test_delta_roundtrip_property(dtype, n, scale, seed, width):
     frame, codec = encode(b, 1, width, (chunk_id(a), a))
     base = a if codec in DELTA else None
     assert decode(frame, chunk_id(b), base) == b
+    w = np.dtype(dtype).itemsize
+    frame = encode_pco(b, w, PCO, (chunk_id(a), a)) if seed % 2 else encode_pco(b, w, PCO)
+    base = a if parse_header(frame).base else None
+    assert decode(frame, chunk_id(b), base) == b
 
 
 def test_incompressible_is_stored_raw():
@@ -111,10 +162,16 @@ def test_group_ungroup_inverse(data, width):
     assert ungroup_bytes(group_bytes(data, width), width) == data
 
 
-@pytest.mark.parametrize("kind", ["zeros", "text", "random"])
+@pytest.mark.parametrize("kind", ["zeros", "text", "random", "pco"])
 def test_every_single_bit_flip_is_detected(kind):
-    data = {"zeros": bytes(5000), "text": b"checkpoint " * 500, "random": np.random.default_rng(2).bytes(5000)}[kind]
-    frame, _ = encode(data, 3, 0)
+    floats = (np.random.default_rng(4).standard_normal(2500) * 0.02).astype(np.float16).tobytes()
+    data = {
+        "zeros": bytes(5000),
+        "text": b"checkpoint " * 500,
+        "random": np.random.default_rng(2).bytes(5000),
+        "pco": floats,
+    }[kind]
+    frame = encode_pco(data, 2, PCO) if kind == "pco" else encode(data, 3, 0)[0]
     cid = chunk_id(data)
     rng = np.random.default_rng(3)
     for pos in list(range(0, HEADER_SIZE)) + list(rng.integers(HEADER_SIZE, len(frame), 60)):
