@@ -52,7 +52,8 @@ class IngestConfig:
 
     threads: int = 0  # worker threads for hashing/compression; 0 = cores - 1 (at least 1)
     files_at_once: int = 2  # sealed versions ingested concurrently
-    zstd_level: int = 3
+    zstd_level: int = 1  # on byte planes of floats, level 1 is smaller than 3 and twice as fast
+    pco_level: int = 8  # pcodec level for recompressing float chunks when ingest is idle (0 = off)
     piece_mb: int = 4  # size of the fixed pieces a tensor record is cut into
     cdc_avg_kb: int = 1024  # average content-defined chunk size for unparsed files
     nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority
@@ -162,6 +163,8 @@ def validate(cfg: Config) -> Config:
     ing = cfg.ingest
     if not 1 <= ing.zstd_level <= 22:
         raise UserError(f"config: ingest.zstd_level must be within 1..22, got {ing.zstd_level}")
+    if not 0 <= ing.pco_level <= 12:
+        raise UserError(f"config: ingest.pco_level must be within 0..12 (0 = off), got {ing.pco_level}")
     if not 1 <= ing.piece_mb <= 64:
         raise UserError(f"config: ingest.piece_mb must be within 1..64, got {ing.piece_mb}")
     if not 64 <= ing.cdc_avg_kb <= 4096:

@@ -134,10 +134,11 @@ class _Components:
             cdc_avg=cfg.ingest.cdc_avg_kb * 1024,
             zstd_level=cfg.ingest.zstd_level,
             files_at_once=cfg.ingest.files_at_once,
-            parallel_pieces=max(2, cfg.ingest.threads * 2),
+            parallel_pieces=max(4, cfg.ingest.threads * 2),  # some in flight wait on the disk (fsync)
             max_chain=cfg.ingest.max_chain,
             base_grace_s=cfg.ingest.base_grace_s,
             base_cache_bytes=cfg.ingest.base_cache_mb * MiB,
+            pco_level=cfg.ingest.pco_level,
         )
         self.contents = FileContents(
             self.db,
@@ -166,6 +167,7 @@ async def _watch_signals() -> None:
 async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[str | None], None]) -> None:
     recovered = c.contents.recover()
     purged = c.tree.purge_orphans()
+    c.chunks.recover_rebases()
     collected = c.chunks.collect()
     if recovered or purged or collected:
         log.info(

@@ -8,6 +8,7 @@ Crash windows and what repairs them (see also files/ingest.py):
 | after chunk put, before its row is recorded        | chunk file without row (orphan)      | ``--repair``       |
 | after chunk row, before the version commit         | chunk row with refcount 0            | mount collects    |
 | after an unlink while the file was open            | inode with nlink 0                   | mount purges      |
+| during a frame swap (repack, compaction)           | ``rebase_intents`` row               | mount settles it  |
 | chunk file changed on disk (bit rot, tampering)    | frame fails checksum or id           | reported; reads EIO |
 
 Runs with the daemon stopped when repairing (it takes the cache lock); a read-only check may run
@@ -143,6 +144,7 @@ def _check_chunks(
         "SELECT chunk, count(*) FROM extents GROUP BY chunk",
         "SELECT base, count(*) FROM chunks WHERE base IS NOT NULL GROUP BY base",
         "SELECT chunk, count(*) FROM slot_index GROUP BY chunk",
+        "SELECT new_base, count(*) FROM rebase_intents WHERE new_base IS NOT NULL GROUP BY new_base",
     ):
         for c, n in conn.execute(sql):
             uses[bytes(c)] += int(n)

@@ -4,7 +4,9 @@ Trio thread only. Invariants:
 
 * a chunk row exists only after its frame is in the cache (``record_stored`` is called after ``put``);
 * ``refcount`` = extents naming the chunk + chunks whose delta base it is + ``slot_index`` entries naming
-  it. A delta's base therefore lives as long as the delta, whatever happens to the file it came from;
+  it + ``rebase_intents`` naming it as the new base. A delta's base therefore lives as long as the
+  delta, whatever happens to the file it came from (``files.repack`` re-encodes deltas whose bases
+  nothing else needs);
 * a chunk is deleted only when its refcount is 0 and no ingest job has it pinned; deletion removes the
   row and the file with no checkpoint in between, then releases the chunk's own base (cascading).
 """
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 import trio
 
 from ckptfs.cache import ChunkCache
+from ckptfs.codec import parse_header
+from ckptfs.errors import CorruptChunk, NotFound
 from ckptfs.meta import Database
 from ckptfs.types import ChunkId, VersionId
 
@@ -42,6 +46,8 @@ class ChunkIndex:
         self.cache = cache
         self._pins: Counter[ChunkId] = Counter()
         self._inflight: dict[ChunkId, trio.Event] = {}
+        # chunks that lost a reference but are still referenced: maybe only by deltas now (files.repack)
+        self.released: set[ChunkId] = set()
 
     def has(self, cid: ChunkId) -> bool:
         return self.db.one("SELECT 1 FROM chunks WHERE id=?", (cid,)) is not None
@@ -153,6 +159,105 @@ class ChunkIndex:
             self.collect(ChunkId(r[2]) for r in rows)
         return len(rows)
 
+    # -- replacing a chunk's frame (files.swap: repack and compaction) ------------------------------
+
+    def pinned(self, cid: ChunkId) -> bool:
+        return cid in self._pins or cid in self._inflight
+
+    def only_deltas_hold(self) -> list[ChunkId]:
+        """Chunks referenced by nothing but the deltas coded against them (a full scan; start-up)."""
+        rows = self.db.execute(
+            "SELECT id FROM chunks c WHERE refcount > 0"
+            " AND refcount <= (SELECT count(*) FROM chunks d WHERE d.base = c.id)"
+        ).fetchall()
+        return [ChunkId(bytes(r[0])) for r in rows]
+
+    def direct_refs(self, cid: ChunkId) -> int:
+        """References to ``cid`` other than deltas coded against it: extents, slot entries (and pending
+        rebases). 0 means only deltas keep the chunk."""
+        row = self.db.one(
+            "SELECT refcount - (SELECT count(*) FROM chunks d WHERE d.base = c.id) FROM chunks c WHERE id=?", (cid,)
+        )
+        return 0 if row is None else int(row[0])
+
+    def begin_rebase(self, cid: ChunkId, new_base: ChunkId | None) -> None:
+        """Before ``cid``'s new frame (coded against ``new_base``, or a keyframe) is written: hold the new
+        base. No checkpoint."""
+        with self.db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO rebase_intents (chunk, new_base) VALUES (?, ?)", (cid, new_base))
+            if new_base is not None:
+                c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (new_base,))
+
+    def finish_rebase(self, cid: ChunkId, codec: int, stored: int, depth: int) -> ChunkId | None:
+        """After the new frame is durable: the row names the new base, the old base loses this chunk's
+        reference (returned, for ``collect``). No checkpoint."""
+        with self.db.transaction() as c:
+            new_base = c.execute("SELECT new_base FROM rebase_intents WHERE chunk=?", (cid,)).fetchone()
+            old = c.execute("SELECT base FROM chunks WHERE id=?", (cid,)).fetchone()
+            if new_base is None or old is None:
+                raise RuntimeError(f"no rebase of chunk {cid.hex()} in progress")
+            c.execute(
+                "UPDATE chunks SET codec=?, stored=?, base=?, depth=? WHERE id=?",
+                (codec, stored, new_base[0], depth, cid),
+            )
+            c.execute("DELETE FROM rebase_intents WHERE chunk=?", (cid,))
+            if old[0] is not None:
+                c.execute("UPDATE chunks SET refcount = refcount - 1 WHERE id=?", (old[0],))
+        return None if old[0] is None else ChunkId(bytes(old[0]))
+
+    def set_depth(self, cid: ChunkId, depth: int) -> None:
+        self.db.execute("UPDATE chunks SET depth=? WHERE id=?", (depth, cid))
+
+    def settle_rebase(self, cid: ChunkId) -> list[ChunkId]:
+        """Finish ``cid``'s rebase if its new frame is on disk, else roll it back; returns the chunks that
+        lost a reference (for ``collect``). No checkpoint."""
+        row = self.db.one("SELECT new_base FROM rebase_intents WHERE chunk=?", (cid,))
+        if row is None:
+            return []
+        new_base = None if row[0] is None else ChunkId(bytes(row[0]))
+        try:
+            frame = self.cache.get(cid)
+            hdr = parse_header(frame)
+            written = hdr.base == new_base
+        except (NotFound, CorruptChunk):
+            written = False
+        if written:
+            base_depth = None if new_base is None else self.depth(new_base)
+            old = self.finish_rebase(cid, int(hdr.codec), len(frame), 0 if base_depth is None else base_depth + 1)
+            return [] if old is None else [old]
+        with self.db.transaction() as c:
+            c.execute("DELETE FROM rebase_intents WHERE chunk=?", (cid,))
+            if new_base is not None:
+                c.execute("UPDATE chunks SET refcount = refcount - 1 WHERE id=?", (new_base,))
+        return [] if new_base is None else [new_base]
+
+    def recover_rebases(self) -> int:
+        """At start-up: finish rebases whose new frame was written before a crash, roll back the others."""
+        rows = self.db.execute("SELECT chunk FROM rebase_intents").fetchall()
+        released: list[ChunkId] = []
+        for (chunk_b,) in rows:
+            released += self.settle_rebase(ChunkId(bytes(chunk_b)))
+        if rows:
+            self.collect(released)
+            log.info("recovery: %d interrupted delta rebases finished or rolled back", len(rows))
+        return len(rows)
+
+    # -- denser re-encoding later (files.compact) ---------------------------------------------------
+
+    @staticmethod
+    def queue_compaction_in(conn: sqlite3.Connection, cids: Iterable[ChunkId]) -> None:
+        conn.executemany("INSERT OR IGNORE INTO compact_queue (chunk) VALUES (?)", [(c,) for c in cids])
+
+    def queue_compaction(self, cids: Iterable[ChunkId]) -> None:
+        with self.db.transaction() as c:
+            self.queue_compaction_in(c, cids)
+
+    def compaction_batch(self, limit: int) -> list[ChunkId]:
+        return [ChunkId(bytes(r[0])) for r in self.db.execute("SELECT chunk FROM compact_queue LIMIT ?", (limit,))]
+
+    def compaction_done(self, cid: ChunkId) -> None:
+        self.db.execute("DELETE FROM compact_queue WHERE chunk=?", (cid,))
+
     # -- garbage collection -------------------------------------------------------------------------
 
     def collect(self, candidates: Iterable[ChunkId] | None = None) -> int:
@@ -169,10 +274,13 @@ class ChunkIndex:
             if cid in self._pins or cid in self._inflight:
                 continue
             row = self.db.one("SELECT refcount, base FROM chunks WHERE id=?", (cid,))
+            if row is not None and int(row[0]) > 0:
+                self.released.add(cid)
             if row is None or int(row[0]) > 0:
                 continue
             with self.db.transaction() as c:  # atomic: no await until commit
                 c.execute("DELETE FROM chunks WHERE id=?", (cid,))
+                c.execute("DELETE FROM compact_queue WHERE chunk=?", (cid,))
                 if row[1] is not None:
                     c.execute("UPDATE chunks SET refcount = refcount - 1 WHERE id=?", (row[1],))
             self.cache.delete(cid)

@@ -70,7 +70,12 @@ def choose_base(
 
 
 def encode_piece(
-    cache: ChunkCache, data: bytes, level: int, width: int, base: ChunkId | None, base_bytes: bytes | None
+    cache: ChunkCache,
+    data: bytes,
+    level: int,
+    width: int,
+    base: ChunkId | None,
+    base_bytes: bytes | None,
 ) -> tuple[bytes, int, ChunkId | None]:
     """Worker thread: encode ``data``, against ``base`` when given. Returns (frame, codec, base used or None).
 

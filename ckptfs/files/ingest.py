@@ -14,6 +14,10 @@ Runs in the background; no FUSE request ever waits for it. Per version:
 A failure (cache full, I/O error) leaves the version staged and retries it later with backoff; the
 data stays readable from the staging file. A crash anywhere before 5 leaves the version staged and
 start-up re-queues it; chunk rows left at refcount 0 are collected at start-up.
+
+The ingester also runs the two background jobs that re-encode stored chunks, each taking the gate
+that ingest jobs share alone (``files.gate``): ``files.repack`` (live chunks coded against deleted
+ones) and, only while nothing waits for ingest, ``files.compact`` (pcodec where it is denser).
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ import trio
 from ckptfs.codec import chunk_id
 from ckptfs.errors import CacheFull
 from ckptfs.files.chunks import ChunkIndex
+from ckptfs.files.compact import Compactor, CompactSettings
 from ckptfs.files.contents import FileContents
 from ckptfs.files.delta import choose_base, encode_piece
+from ckptfs.files.gate import Gate
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.plan import plan_file
+from ckptfs.files.repack import Repacker, RepackSettings
 from ckptfs.files.workers import Workers
 from ckptfs.types import ChunkId, InodeId, Piece, VersionId, VersionState
 
@@ -50,6 +57,7 @@ class IngestSettings:
     max_chain: int = 1
     base_grace_s: int = 600
     base_cache_bytes: int = 512 * 1024 * 1024
+    pco_level: int = 0
 
 
 # Smaller unparsed files keep content-defined chunking even when a same-named twin exists.
@@ -88,6 +96,11 @@ class Ingester:
         self._idle = trio.Event()
         self._idle.set()
         self.bases = BytesLRU(settings.base_cache_bytes, keep_last=False)  # plain bytes of likely bases
+        self.gate = Gate()  # ingest jobs share it; a repack of a delta tree takes it alone
+        self.repacker = Repacker(chunks, workers, self.gate, RepackSettings(settings.max_chain, settings.zstd_level))
+        self.compactor = Compactor(
+            chunks, workers, self.gate, lambda: self.pending > 0, CompactSettings(settings.pco_level)
+        )
 
     def submit(self, inode: InodeId, vid: VersionId) -> None:
         """Queue a sealed version (idempotent while queued). No checkpoint; callable from any trio task."""
@@ -108,6 +121,8 @@ class Ingester:
             for _ in range(self.settings.files_at_once):
                 nursery.start_soon(self._worker, self._recv.clone(), nursery)
             nursery.start_soon(self._sweep_slots)
+            nursery.start_soon(self.repacker.run)
+            nursery.start_soon(self.compactor.run)
             task_status.started()
 
     async def _sweep_slots(self) -> None:
@@ -128,7 +143,8 @@ class Ingester:
         retries: Counter[VersionId] = Counter()
         async for inode, vid in recv:
             try:
-                await self._ingest(inode, vid)
+                async with self.gate.shared():
+                    await self._ingest(inode, vid)
                 retries.pop(vid, None)
             except _VersionChanged as exc:
                 log.debug("version %d changed during ingest (%s)", vid, exc)
@@ -198,7 +214,7 @@ class Ingester:
                                 None if base is None else base[0],
                                 None if base is None else base[2],
                             )
-                            await self.workers.run_background(self.chunks.cache.put, cid, frame)
+                            await self.workers.run_io(self.chunks.cache.put, cid, frame)
                             depth = base[1] + 1 if used is not None and base is not None else 0
                             self.chunks.record_stored(cid, codec, len(data), len(frame), used, depth)
                             if used is not None:
@@ -225,11 +241,11 @@ class Ingester:
             if not self.contents.still_sealed(inode, vid, gen):
                 log.debug("version %d changed during ingest; will be ingested again", vid)
                 return
-            await self.workers.run_background(self.chunks.cache.sync_dirs, new_chunks)
+            await self.workers.run_io(self.chunks.cache.sync_dirs, new_chunks)
             if not self.contents.still_sealed(inode, vid, gen):
                 return
             base_version = self._base_version(used_bases)
-            self._commit(inode, vid, size, layout, signature, base_version, pieces, results)
+            self._commit(inode, vid, size, layout, signature, base_version, pieces, results, new_chunks)
             log.debug(
                 "version %d: %d bytes -> %d pieces (%s) in %.2fs",
                 vid,
@@ -280,9 +296,11 @@ class Ingester:
         base_version: VersionId | None,
         pieces: list[Piece],
         results: dict[int, ChunkId],
+        new_chunks: list[ChunkId],
     ) -> None:
         touched: list[ChunkId] = []
         with self.contents.db.transaction() as c:  # atomic: no await until commit
+            ChunkIndex.queue_compaction_in(c, new_chunks)
             c.executemany(
                 "INSERT INTO extents (version, offset, length, chunk, slot) VALUES (?,?,?,?,?)",
                 [(vid, p.offset, p.length, results[p.offset], p.slot) for p in pieces],

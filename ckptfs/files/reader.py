@@ -16,7 +16,7 @@ import trio
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import decode, parse_header
-from ckptfs.errors import CorruptChunk
+from ckptfs.errors import CorruptChunk, NotFound
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
@@ -92,7 +92,13 @@ class ChunkReader:
         try:
             frame = await self.workers.run_foreground(self.cache.get, cid)
             hdr = parse_header(frame)
-            base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
+            try:
+                base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
+            except NotFound:
+                # re-encoded against another base (files.repack) after we read it, the old base collected
+                frame = await self.workers.run_foreground(self.cache.get, cid)
+                hdr = parse_header(frame)
+                base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
             data = await self.workers.run_foreground(decode, frame, cid, base)
         finally:
             del self._pending[cid]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
@@ -25,11 +25,14 @@ def _set_nice(nice: int) -> None:
 
 @dataclass(slots=True)
 class Workers:
-    """Capacity limiters for background (ingest) and foreground (read, fsync) thread work."""
+    """Capacity limiters for background CPU work (ingest: hash, encode), background I/O (writing and
+    fsyncing chunk files: mostly waiting on the disk, so it must not hold a CPU slot) and foreground
+    work (reads a user waits for, fsync)."""
 
     background: trio.CapacityLimiter
     foreground: trio.CapacityLimiter
     nice: int = 10
+    io: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))
 
     @classmethod
     def create(cls, background_threads: int, nice: int) -> Workers:
@@ -44,6 +47,16 @@ class Workers:
             return fn(*args)
 
         return await trio.to_thread.run_sync(call, limiter=self.background)
+
+    async def run_io(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` — background disk I/O — in a low-priority thread outside the CPU limiter."""
+        nice = self.nice
+
+        def call() -> T:
+            _set_nice(nice)
+            return fn(*args)
+
+        return await trio.to_thread.run_sync(call, limiter=self.io)
 
     async def run_foreground(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a normal-priority worker thread (reads a user waits for)."""

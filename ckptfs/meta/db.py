@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS extents (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS extents_chunk ON extents (chunk);
 -- Stored chunks. refcount = extents naming the chunk + chunks using it as their delta base
---                        + slot_index entries naming it.
+--                        + slot_index entries naming it + rebase_intents naming it as new_base.
 CREATE TABLE IF NOT EXISTS chunks (
     id       BLOB PRIMARY KEY,
     codec    INTEGER NOT NULL,           -- codec.frame.Codec
@@ -95,6 +95,18 @@ CREATE TABLE IF NOT EXISTS slot_index (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS slot_index_version ON slot_index (version);
 CREATE INDEX IF NOT EXISTS chunks_unref ON chunks (refcount) WHERE refcount = 0;
+CREATE INDEX IF NOT EXISTS chunks_base ON chunks (base) WHERE base IS NOT NULL;
+-- A chunk being re-encoded against a new base (files/repack.py). The row holds one reference on
+-- new_base from before the new frame is written until the chunk row names it; start-up finishes or
+-- rolls back whatever a crash interrupted (ChunkIndex.recover_rebases).
+-- Chunks stored by ingest or repack that files/compact.py has not tried pcodec on yet.
+CREATE TABLE IF NOT EXISTS compact_queue (
+    chunk BLOB PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rebase_intents (
+    chunk    BLOB PRIMARY KEY,
+    new_base BLOB                         -- NULL: the chunk becomes a keyframe
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS xattrs (
     inode INTEGER NOT NULL,
     name  BLOB NOT NULL,

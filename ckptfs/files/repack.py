@@ -1,0 +1,188 @@
+"""Repack: re-encode the live chunks of a delta tree whose chains run through dead chunks.
+
+A chunk is *dead* when only the deltas coded against it still reference it: its file was deleted or
+overwritten (a trainer's ``save_total_limit`` rotation, a replaced ``latest.pt``). Left alone, a
+dead base costs its full size for bytes nobody can read, and with ``max_chain`` > 1 a whole chain of
+deleted checkpoints would stay behind the one that is still there.
+
+A *tree* is a keyframe and every chunk coded against it, transitively. For a tree with a dead chunk
+that something live depends on (exclusive of ingest, so bases and depths do not move under it):
+
+* *settled* chunks — live, with every ancestor live — keep their frames;
+* the other live chunks, in the order of the versions that hold them, keep their frame when their
+  base is settled by now and the chain stays within ``max_chain``; otherwise they are re-encoded
+  against the newest settled chunk of an older version (else of any version) whose depth leaves room,
+  or as a keyframe when none does. Each becomes settled in turn.
+
+For ``checkpoint-1 <- checkpoint-2 <- ... <- checkpoint-5`` with 1-4 deleted, ``checkpoint-5`` becomes
+the keyframe and ``checkpoint-6`` its delta. The dead chunks then lose their last references and
+are collected.
+
+Each re-encode is crash-safe (``files.swap``). Re-encoded chunks use the fast zstd forms and join
+the queue of ``files.compact``, like newly ingested ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from ckptfs.cache import ChunkCache
+from ckptfs.codec import encode, parse_header
+from ckptfs.errors import CacheFull, CorruptChunk, NotFound
+from ckptfs.files.chunks import ChunkIndex
+from ckptfs.files.gate import Gate
+from ckptfs.files.reader import MAX_CHAIN, fetch_and_decode
+from ckptfs.files.swap import swap_frame
+from ckptfs.files.workers import Workers
+from ckptfs.types import ChunkId
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RepackSettings:
+    max_chain: int
+    zstd_level: int
+    period_s: float = 0.5  # how often released chunks are looked at
+
+
+@dataclass(slots=True)
+class _Node:
+    cid: ChunkId
+    base: ChunkId | None
+    depth: int
+    order: int  # newest version holding the chunk (0 = none): the order the tree is rebuilt in
+    live: bool
+
+
+def _reencode(cache: ChunkCache, cid: ChunkId, base: ChunkId | None, level: int) -> bytes:
+    """Worker thread: the frame of ``cid``'s plain bytes encoded against ``base`` (or alone; also when the
+    keyframe form wins)."""
+    width = parse_header(cache.get(cid)).width
+    data = fetch_and_decode(cache, cid)
+    pair = None if base is None else (base, fetch_and_decode(cache, base))
+    return encode(data, level, width, pair)[0]
+
+
+class Repacker:
+    def __init__(self, chunks: ChunkIndex, workers: Workers, gate: Gate, settings: RepackSettings) -> None:
+        self.chunks = chunks
+        self.workers = workers
+        self.gate = gate
+        self.settings = settings
+        self.rebased = 0  # chunks re-encoded since start (for logs and tests)
+
+    async def run(self) -> None:
+        """Until cancelled: repack the trees of chunks that lost references."""
+        todo = set(self.chunks.only_deltas_hold())
+        while True:
+            todo |= self.chunks.released
+            self.chunks.released.clear()
+            roots: set[ChunkId] = set()
+            for cid in todo:
+                if self.chunks.has(cid) and self.chunks.direct_refs(cid) <= 0:
+                    root = self._root(cid)
+                    if root is not None:
+                        roots.add(root)
+            todo.clear()
+            for root in roots:
+                try:
+                    async with self.gate.exclusive():
+                        await self.repack_tree(root)
+                except (CacheFull, OSError, CorruptChunk, NotFound) as exc:
+                    log.warning("repack of the delta tree at %s stopped: %s", root.hex(), exc)
+            await trio.sleep(self.settings.period_s)
+
+    def _root(self, cid: ChunkId) -> ChunkId | None:
+        for _ in range(MAX_CHAIN + 1):
+            row = self.chunks.db.one("SELECT base FROM chunks WHERE id=?", (cid,))
+            if row is None:
+                return None
+            if row[0] is None:
+                return cid
+            cid = ChunkId(bytes(row[0]))
+        return None
+
+    def _tree(self, root: ChunkId) -> list[_Node]:
+        rows = self.chunks.db.execute(
+            "WITH RECURSIVE t(id) AS (SELECT ? UNION SELECT c.id FROM chunks c JOIN t ON c.base = t.id)"
+            " SELECT c.id, c.base, c.depth,"
+            " coalesce((SELECT max(version) FROM extents e WHERE e.chunk = c.id),"
+            "          (SELECT max(version) FROM slot_index s WHERE s.chunk = c.id), 0),"
+            " c.refcount - (SELECT count(*) FROM chunks d WHERE d.base = c.id)"
+            " FROM chunks c JOIN t ON c.id = t.id",
+            (root,),
+        ).fetchall()
+        return [
+            _Node(
+                ChunkId(bytes(cid)),
+                None if base is None else ChunkId(bytes(base)),
+                int(depth),
+                int(order),
+                int(direct) > 0 or self.chunks.pinned(ChunkId(bytes(cid))),
+            )
+            for cid, base, depth, order, direct in rows
+        ]
+
+    async def repack_tree(self, root: ChunkId) -> int:
+        """Rebuild the tree at ``root`` so that no live chunk depends on a dead one. Returns the number of
+        chunks re-encoded. Run it holding the gate exclusively."""
+        nodes = {n.cid: n for n in self._tree(root)}
+        settled: dict[ChunkId, _Node] = {}
+
+        def all_live(n: _Node) -> bool:
+            seen = 0
+            while n.live and n.base is not None and seen <= MAX_CHAIN:
+                parent = nodes.get(n.base)
+                if parent is None:
+                    return False
+                n, seen = parent, seen + 1
+            return n.live and n.base is None
+
+        for n in nodes.values():
+            if all_live(n):
+                settled[n.cid] = n
+        todo = sorted((n for n in nodes.values() if n.live and n.cid not in settled), key=lambda n: n.order)
+        if not todo:
+            return 0
+        k = self.settings.max_chain
+        count = 0
+        for n in todo:
+            if n.base in settled and settled[n.base].depth + 1 <= k:
+                n.depth = settled[n.base].depth + 1
+                self.chunks.set_depth(n.cid, n.depth)
+            else:
+                await self._rebase(n, self._choose(n, settled))
+                count += 1
+            settled[n.cid] = n
+        self.rebased += count
+        log.debug("repacked the delta tree at %s: %d of %d chunks re-encoded", root.hex(), count, len(nodes))
+        return count
+
+    def _choose(self, n: _Node, settled: dict[ChunkId, _Node]) -> _Node | None:
+        """The newest settled chunk of an older version whose depth leaves room, else the oldest of a
+        newer one, else None (a keyframe)."""
+        room = [s for s in settled.values() if s.depth < self.settings.max_chain]
+        older = [s for s in room if s.order <= n.order]
+        if older:
+            return max(older, key=lambda s: s.order)
+        return min(room, key=lambda s: s.order) if room else None
+
+    async def _rebase(self, n: _Node, base: _Node | None) -> None:
+        held = [n.cid] if base is None else [n.cid, base.cid]
+        for cid in held:
+            self.chunks.pin(cid)
+        try:
+            frame = await self.workers.run_background(
+                _reencode, self.chunks.cache, n.cid, None if base is None else base.cid, self.settings.zstd_level
+            )
+            n.base = parse_header(frame).base
+            n.depth = 0 if n.base is None or base is None else base.depth + 1
+            await swap_frame(self.chunks, self.workers, n.cid, frame, n.depth)
+            self.chunks.queue_compaction([n.cid])
+        finally:
+            self.chunks.unpin(held)
+            self.chunks.collect(held)
