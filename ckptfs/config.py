@@ -57,7 +57,7 @@ class IngestConfig:
     piece_mb: int = 4  # size of the fixed pieces a tensor record is cut into
     cdc_avg_kb: int = 1024  # average content-defined chunk size for unparsed files
     nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority
-    max_chain: int = 1  # deltas a read decodes at most (1 = every delta is against a keyframe; 0 = no delta)
+    max_chain: int = 4  # deltas a read decodes at most (1 = every delta is against a keyframe; 0 = no delta)
     base_grace_s: int = 600  # slot entries of deleted files (and chunks only they hold) are released after this
     base_cache_mb: int = 512  # plain bytes of recent pieces kept in memory as the next version's bases
 
