@@ -53,7 +53,7 @@ class IngestConfig:
     threads: int = 0  # worker threads for hashing/compression; 0 = cores - 1 (at least 1)
     files_at_once: int = 2  # sealed versions ingested concurrently
     zstd_level: int = 1  # on byte planes of floats, level 1 is smaller than 3 and twice as fast
-    pco_level: int = 8  # pcodec level for recompressing float chunks when ingest is idle (0 = off)
+    pco_level: int = 10  # pcodec level for recompressing float chunks when ingest is idle (0 = off)
     piece_mb: int = 4  # size of the fixed pieces a tensor record is cut into
     cdc_avg_kb: int = 1024  # average content-defined chunk size for unparsed files
     nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority

@@ -70,7 +70,6 @@ class Compactor:
         self.gate = gate
         self.busy = busy  # True while versions wait for ingest: they go first
         self.settings = settings
-        self.saved = 0  # bytes saved since start (logs, tests)
 
     async def run(self) -> None:
         """Until cancelled: work through the queue while ingest is idle."""
@@ -100,11 +99,9 @@ class Compactor:
             return
         self.chunks.pin(cid)
         try:
-            old_size = self.chunks.cache.size(cid)
             frame = await self.workers.run_background(_denser_frame, self.chunks.cache, cid, level)
             if frame is not None and self.chunks.has(cid):
                 await swap_frame(self.chunks, self.workers, cid, frame, depth)
-                self.saved += old_size - len(frame)
         finally:
             self.chunks.unpin([cid])
             self.chunks.collect([cid])

@@ -73,7 +73,6 @@ class Repacker:
         self.workers = workers
         self.gate = gate
         self.settings = settings
-        self.rebased = 0  # chunks re-encoded since start (for logs and tests)
 
     async def run(self) -> None:
         """Until cancelled: repack the trees of chunks that lost references."""
@@ -158,7 +157,6 @@ class Repacker:
                 await self._rebase(n, self._choose(n, settled))
                 count += 1
             settled[n.cid] = n
-        self.rebased += count
         log.debug("repacked the delta tree at %s: %d of %d chunks re-encoded", root.hex(), count, len(nodes))
         return count
 

@@ -31,7 +31,7 @@ def codec_bytes(db: sqlite3.Connection) -> dict[int, int]:
 def test_idle_recompression_shrinks_and_stays_bit_exact(mount_factory):
     states = train_series(3, torch.bfloat16, width=768)
     stored = {}
-    for level in ("0", "8"):
+    for level in ("0", "10"):
         m = mount_factory(env={"CKPTFS_INGEST_PCO_LEVEL": level})
         for i, st in enumerate(states):
             torch.save(st, m.path(f"step_{i}.pt"))
@@ -51,4 +51,4 @@ def test_idle_recompression_shrinks_and_stays_bit_exact(mount_factory):
         res = m.cli("fsck", "--cache", str(m.cache), "--verify-data")
         assert "0 problems" in res.stdout, res.stdout
         m.umount()
-    assert stored["8"] < 0.97 * stored["0"], stored
+    assert stored["10"] < 0.97 * stored["0"], stored

@@ -14,7 +14,7 @@ from ckptfs.codec.transform import group_bytes, sub_decode, sub_encode, ungroup_
 from ckptfs.errors import CorruptChunk
 
 DELTA = (Codec.DELTA_GROUPED_ZSTD, Codec.SUB_GROUPED_ZSTD, Codec.SUB_PCO)
-PCO = 8  # the pcodec level used where a test wants the Pco forms to compete
+PCO = 10  # the default ingest.pco_level
 
 
 @given(st.binary(max_size=20_000), st.sampled_from([0, 1, 2, 4, 8]), st.integers(1, 5))
