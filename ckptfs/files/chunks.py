@@ -208,6 +208,15 @@ class ChunkIndex:
     def set_depth(self, cid: ChunkId, depth: int) -> None:
         self.db.execute("UPDATE chunks SET depth=? WHERE id=?", (depth, cid))
 
+    def shift_depths_below(self, cid: ChunkId, delta: int) -> None:
+        """Add ``delta`` to the depth of every chunk coded against ``cid``, transitively."""
+        self.db.execute(
+            "WITH RECURSIVE t(id) AS (SELECT id FROM chunks WHERE base = ?"
+            " UNION SELECT c.id FROM chunks c JOIN t ON c.base = t.id)"
+            " UPDATE chunks SET depth = depth + ? WHERE id IN (SELECT id FROM t)",
+            (cid, delta),
+        )
+
     def settle_rebase(self, cid: ChunkId) -> list[ChunkId]:
         """Finish ``cid``'s rebase if its new frame is on disk, else roll it back; returns the chunks that
         lost a reference (for ``collect``). No checkpoint."""

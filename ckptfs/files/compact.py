@@ -6,9 +6,10 @@ differences 2-5 % smaller on AdamW checkpoints and decodes faster, but encodes a
 for fp32 and a quarter for bf16 — a cost for idle time, not for the window between two saves.
 
 New chunks wait in ``compact_queue``. Whenever no version waits for ingest, each queued chunk whose
-frame has whole 2/4/8-byte elements is encoded again with pcodec (of the elements, or of their
-difference to the same base it has now) and the frame is swapped (``files.swap``) if it is at least
-``MIN_GAIN`` smaller. Bases and depths never change here, so delta chains stay as they are.
+frame has whole 2/4/8-byte elements is encoded again with pcodec (of its difference to the base it
+has now, or of its elements alone when a sample says that is smaller) and the frame is swapped
+(``files.swap``) if it is at least ``MIN_GAIN`` smaller. A delta may become a keyframe here; no chunk
+gets a new base, so chains only get shorter.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 # transpose), so any real gain counts; below this a swap is not worth its write and fsync.
 MIN_GAIN = 0.005
 _MIN_SIZE = 64 * 1024  # smaller chunks are not worth a second pass
+_SAMPLE = 256 * 1024  # bytes from the middle of a delta chunk that decide between its two pcodec forms
 _ZSTD_FORMS = {Codec.ZSTD, Codec.GROUPED_ZSTD, Codec.DELTA_GROUPED_ZSTD, Codec.SUB_GROUPED_ZSTD}
 
 
@@ -46,8 +48,9 @@ class CompactSettings:
 
 
 def _denser_frame(cache: ChunkCache, cid: ChunkId, level: int) -> bytes | None:
-    """Worker thread: a pcodec frame of ``cid`` against its current base, if it beats the stored frame by
-    ``MIN_GAIN``; else None."""
+    """Worker thread: a pcodec frame of ``cid`` — of its difference to its current base, or of its
+    elements alone when that is smaller on a sample — if it beats the stored frame by ``MIN_GAIN``;
+    else None."""
     old = cache.get(cid)
     hdr = parse_header(old)
     if hdr.codec not in _ZSTD_FORMS or hdr.raw_len < _MIN_SIZE:
@@ -57,6 +60,12 @@ def _denser_frame(cache: ChunkCache, cid: ChunkId, level: int) -> bytes | None:
         return None
     data = fetch_and_decode(cache, cid)
     base = None if hdr.base is None else (hdr.base, fetch_and_decode(cache, hdr.base))
+    if base is not None:
+        mid = (len(data) // 2 - _SAMPLE // 2) // width * width
+        window = slice(max(0, mid), max(0, mid) + _SAMPLE)
+        alone = len(encode_pco(data[window], width, level))
+        if alone < len(encode_pco(data[window], width, level, (base[0], base[1][window]))):
+            base = None  # the delta does not pay (a span of many versions, fast-moving moments)
     frame = encode_pco(data, width, level, base)
     return frame if len(frame) <= len(old) * (1 - MIN_GAIN) else None
 
@@ -101,7 +110,10 @@ class Compactor:
         try:
             frame = await self.workers.run_background(_denser_frame, self.chunks.cache, cid, level)
             if frame is not None and self.chunks.has(cid):
-                await swap_frame(self.chunks, self.workers, cid, frame, depth)
+                new_depth = depth if parse_header(frame).base is not None else 0
+                await swap_frame(self.chunks, self.workers, cid, frame, new_depth)
+                if new_depth != depth:  # became a keyframe: everything coded against it is nearer one now
+                    self.chunks.shift_depths_below(cid, new_depth - depth)
         finally:
             self.chunks.unpin([cid])
             self.chunks.collect([cid])

@@ -24,6 +24,15 @@ def wait_compacted(mount, timeout: float = 180) -> sqlite3.Connection:
     return db
 
 
+def assert_depths_exact(db: sqlite3.Connection) -> None:
+    """Every chunk's depth is its base's depth + 1 (0 for a keyframe): what bounds reads is true."""
+    wrong = db.execute(
+        "SELECT count(*) FROM chunks c LEFT JOIN chunks b ON b.id = c.base"
+        " WHERE (c.base IS NULL AND c.depth <> 0) OR (c.base IS NOT NULL AND c.depth <> b.depth + 1)"
+    ).fetchone()[0]
+    assert wrong == 0, f"{wrong} chunks with a stale depth"
+
+
 def codec_bytes(db: sqlite3.Connection) -> dict[int, int]:
     return {int(c): int(n) for c, n in db.execute("SELECT codec, sum(stored) FROM chunks GROUP BY codec")}
 
@@ -38,6 +47,7 @@ def test_idle_recompression_shrinks_and_stays_bit_exact(mount_factory):
             m.wait_local(f"step_{i}.pt")
         db = wait_compacted(m)
         by_codec = codec_bytes(db)
+        assert_depths_exact(db)
         db.close()
         stored[level] = m.stats()["total"]["stored_bytes"]
         if level == "0":

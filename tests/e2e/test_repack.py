@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from tests.e2e.test_compact import assert_depths_exact, wait_compacted
 from tests.e2e.test_delta import train_series
 from tests.helpers import assert_state_equal
 
@@ -51,7 +52,9 @@ def test_rotation_frees_deleted_bases(mount_factory, chain):
             for j in (i - 1, i):
                 assert_state_equal(states[j], torch.load(m.path(f"checkpoint-{j}", "optimizer.pt")))
     db = wait_repacked(m)
+    wait_compacted(m).close()
     depth = db.execute("SELECT max(depth) FROM chunks").fetchone()[0]
+    assert_depths_exact(db)
     db.close()
     assert depth <= int(chain)
     stored = m.stats()["total"]["stored_bytes"]
@@ -83,7 +86,9 @@ def test_deleting_a_middle_version_keeps_the_rest_of_the_chain(mount_factory):
     before = m.stats()["total"]["stored_bytes"]
     m.path("step_2.pt").unlink()
     db = wait_repacked(m)
+    wait_compacted(m).close()
     depth = db.execute("SELECT max(depth) FROM chunks").fetchone()[0]
+    assert_depths_exact(db)
     db.close()
     assert depth <= 4
     after = m.stats()["total"]["stored_bytes"]
