@@ -73,7 +73,7 @@ class Mount:
         res = subprocess.run([sys.executable, "-m", "ckptfs", *args], capture_output=True, text=True,
                              env=self.env, timeout=timeout)
         if check and res.returncode != 0:
-            raise AssertionError(f"ckptfs {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+            raise AssertionError(f"ckptfs {' '.join(args)} failed ({res.returncode}): {res.stdout}{res.stderr}")
         return res
 
     def start(self) -> Mount:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class FileContents:
         self._since_space_check = _SPACE_CHECK_BYTES
         self._space_low = True
         self._gens = itertools.count(1)  # modification stamps, unique across all versions
+        self.last_write = -math.inf  # time.monotonic() of the latest write (background re-encoding yields)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class FileContents:
             raise
         act.gen = next(self._gens)
         act.dirty = True
+        self.last_write = time.monotonic()
         if off + n > act.size:
             act.size = off + n
         return n

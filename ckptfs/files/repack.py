@@ -25,6 +25,7 @@ the queue of ``files.compact``, like newly ingested ones.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -68,16 +69,22 @@ def _reencode(cache: ChunkCache, cid: ChunkId, base: ChunkId | None, level: int)
 
 
 class Repacker:
-    def __init__(self, chunks: ChunkIndex, workers: Workers, gate: Gate, settings: RepackSettings) -> None:
+    def __init__(
+        self, chunks: ChunkIndex, workers: Workers, gate: Gate, busy: Callable[[], bool], settings: RepackSettings
+    ) -> None:
         self.chunks = chunks
         self.workers = workers
         self.gate = gate
+        self.busy = busy  # True while a version is written or waits for ingest: repack waits for a pause
         self.settings = settings
 
     async def run(self) -> None:
         """Until cancelled: repack the trees of chunks that lost references."""
         todo = set(self.chunks.only_deltas_hold())
         while True:
+            await trio.sleep(self.settings.period_s)
+            if self.busy():
+                continue
             todo |= self.chunks.released
             self.chunks.released.clear()
             roots: set[ChunkId] = set()
@@ -93,7 +100,6 @@ class Repacker:
                         await self.repack_tree(root)
                 except (CacheFull, OSError, CorruptChunk, NotFound) as exc:
                     log.warning("repack of the delta tree at %s stopped: %s", root.hex(), exc)
-            await trio.sleep(self.settings.period_s)
 
     def _root(self, cid: ChunkId) -> ChunkId | None:
         for _ in range(MAX_CHAIN + 1):
