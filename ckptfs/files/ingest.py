@@ -16,8 +16,9 @@ data stays readable from the staging file. A crash anywhere before 5 leaves the 
 start-up re-queues it; chunk rows left at refcount 0 are collected at start-up.
 
 The ingester also runs the two background jobs that re-encode stored chunks, each taking the gate
-that ingest jobs share alone (``files.gate``): ``files.repack`` (live chunks coded against deleted
-ones) and, only while nothing waits for ingest, ``files.compact`` (pcodec where it is denser).
+that ingest jobs share alone (``files.gate``) and both waiting for a pause in writes (``busy``):
+``files.repack`` (live chunks coded against deleted ones) and ``files.compact`` (pcodec where it is
+denser).
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ class IngestSettings:
     zstd_level: int
     files_at_once: int
     parallel_pieces: int
-    max_chain: int = 1
+    max_chain: int = 4
     base_grace_s: int = 600
     base_cache_bytes: int = 512 * 1024 * 1024
-    pco_level: int = 0
+    pco_level: int = 10
 
 
 # Writes this recent keep repack and compaction waiting (a checkpoint is being saved).
