@@ -40,23 +40,20 @@ class Workers:
 
     async def run_background(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a low-priority worker thread. Checkpoints; not cancellable mid-call."""
-        nice = self.nice
-
-        def call() -> T:
-            _set_nice(nice)
-            return fn(*args)
-
-        return await trio.to_thread.run_sync(call, limiter=self.background)
+        return await self._run_niced(self.background, fn, *args)
 
     async def run_io(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` — background disk I/O — in a low-priority thread outside the CPU limiter."""
+        return await self._run_niced(self.io, fn, *args)
+
+    async def _run_niced(self, limiter: trio.CapacityLimiter, fn: Callable[..., T], *args: object) -> T:
         nice = self.nice
 
         def call() -> T:
             _set_nice(nice)
             return fn(*args)
 
-        return await trio.to_thread.run_sync(call, limiter=self.io)
+        return await trio.to_thread.run_sync(call, limiter=limiter)
 
     async def run_foreground(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a normal-priority worker thread (reads a user waits for)."""
