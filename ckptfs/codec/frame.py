@@ -29,13 +29,10 @@ from ckptfs.codec.hashing import checksum64, chunk_id
 from ckptfs.codec.numeric import WIDTHS as PCO_WIDTHS
 from ckptfs.codec.numeric import pco_decode, pco_encode
 from ckptfs.codec.transform import (
-    apply,
     best_candidate,
     candidates,
-    group_bytes,
-    sub_decode,
-    ungroup_bytes,
-    xor_bytes,
+    planes,
+    unplanes,
 )
 from ckptfs.errors import CorruptChunk
 from ckptfs.types import ChunkId
@@ -75,6 +72,7 @@ def _pack(codec: Codec, width: int, raw_len: int, base: bytes, payload: bytes | 
 
 
 _DELTA_CODECS = {"xor": Codec.DELTA_GROUPED_ZSTD, "sub": Codec.SUB_GROUPED_ZSTD}
+_KINDS = {codec: kind for kind, codec in _DELTA_CODECS.items()}
 
 
 def encode(
@@ -97,8 +95,7 @@ def encode(
     # width >= 1: the caller knows the element width (1 = plain bytes); 0: rank 1, 2 and 4 on a sample
     widths = [width] if width >= 1 and raw_len % width == 0 else [1, 2, 4]
     kind, w = best_candidate(data, base_bytes, candidates(raw_len, widths, base_bytes is not None))
-    src = apply(kind, data, base_bytes, w)
-    payload = zstandard.ZstdCompressor(level=level).compress(group_bytes(src, w) if w > 1 else src)
+    payload = zstandard.ZstdCompressor(level=level).compress(planes(kind, data, base_bytes, w))
     if kind in _DELTA_CODECS and base is not None:
         codec, used_base = _DELTA_CODECS[kind], bytes(base[0])
     else:
@@ -172,20 +169,14 @@ def decode(frame: bytes | memoryview, expected: ChunkId, base: bytes | memoryvie
             data = _decode_pco(hdr, payload, base)
         else:
             plain = zstandard.ZstdDecompressor().decompress(payload, max_output_size=hdr.raw_len)
-            if hdr.width > 1:
-                if len(plain) % hdr.width:
-                    raise CorruptChunk(f"{len(plain)} bytes are not whole {hdr.width}-byte elements")
-                plain = ungroup_bytes(plain, hdr.width)
-            if hdr.codec in (Codec.DELTA_GROUPED_ZSTD, Codec.SUB_GROUPED_ZSTD):
-                if base is None or len(base) != len(plain):
-                    raise CorruptChunk("delta frame decoded without its base (or with a base of the wrong size)")
-                if hdr.codec == Codec.DELTA_GROUPED_ZSTD:
-                    plain = xor_bytes(plain, base)
-                elif hdr.width in (2, 4, 8):
-                    plain = sub_decode(plain, base, hdr.width)
-                else:
-                    raise CorruptChunk(f"difference frame with element width {hdr.width}")
-            data = plain
+            if hdr.width > 1 and len(plain) % hdr.width:
+                raise CorruptChunk(f"{len(plain)} bytes are not whole {hdr.width}-byte elements")
+            kind = _KINDS.get(hdr.codec, "plain")
+            if kind != "plain" and (base is None or len(base) != len(plain)):
+                raise CorruptChunk("delta frame decoded without its base (or with a base of the wrong size)")
+            if kind == "sub" and hdr.width not in (2, 4, 8):
+                raise CorruptChunk(f"difference frame with element width {hdr.width}")
+            data = unplanes(kind, plain, base, hdr.width) if kind != "plain" or hdr.width > 1 else plain
     except (zstandard.ZstdError, ValueError) as exc:
         raise CorruptChunk(f"cannot decompress: {exc}") from None
     if len(data) != hdr.raw_len:
