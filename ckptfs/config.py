@@ -37,6 +37,7 @@ class CacheConfig:
     dir: str = field(default_factory=_default_cache_dir)
     reserve_mb: int = 64  # writes fail with ENOSPC when less than this is free on the cache disk
     decoded_cache_mb: int = 64  # in-memory cache of decoded chunks for reads
+    direct_io: bool = True  # write chunk files with O_DIRECT where the file system supports it
 
 
 @dataclass(frozen=True, slots=True)

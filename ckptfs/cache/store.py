@@ -8,6 +8,10 @@ Protocol (who does what, and the crash windows):
   from the trio thread (``files.ingest`` / ``files.chunks``).
 * ``put`` writes ``tmp`` -> ``fsync`` -> ``rename``. A crash leaves either no file or a complete
   one; stray ``*.tmp`` files are removed by ``sweep_tmp`` at start-up.
+* ``put`` writes with ``O_DIRECT`` where the file system supports it (a page-aligned copy padded to
+  4 KiB, then truncated to the frame's length). Copying a checkpoint's frames into the page cache
+  took ~12 % of ingest CPU, and ingest keeps the plain bytes it needs again (delta bases) in memory.
+  On file systems without ``O_DIRECT`` (tmpfs) it writes through the page cache.
 * ``sync_dirs`` fsyncs the directories touched by a batch of puts; ingest calls it before the
   metadata commit that makes a version ``local``. So a committed version never refers to a chunk
   that is not durable.
@@ -20,22 +24,45 @@ Protocol (who does what, and the crash windows):
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ckptfs.errors import CacheFull, NotFound
 from ckptfs.types import ChunkId
 
+_ALIGN = 4096
+
+
+class _AlignedBuffer(threading.local):
+    """A page-aligned buffer per thread for O_DIRECT writes."""
+
+    def __init__(self) -> None:
+        self.buf = mmap.mmap(-1, _ALIGN)
+
+    def holding(self, frame: bytes) -> memoryview:
+        """``frame`` copied into the buffer and zero-padded to a multiple of 4 KiB."""
+        padded = -(-len(frame) // _ALIGN) * _ALIGN or _ALIGN
+        if len(self.buf) < padded:
+            self.buf.close()
+            self.buf = mmap.mmap(-1, padded)
+        self.buf[: len(frame)] = frame
+        self.buf[len(frame) : padded] = bytes(padded - len(frame))
+        return memoryview(self.buf)[:padded]
+
 
 class ChunkCache:
     """Immutable chunk frames stored one file each. Thread-safe (no shared mutable state)."""
 
-    def __init__(self, root: str | Path, min_free: int = 0) -> None:
+    def __init__(self, root: str | Path, min_free: int = 0, direct_io: bool = True) -> None:
         self.root = Path(root) / "chunks"
         self.min_free = min_free  # put() leaves at least this much free space for metadata
         for i in range(256):
             (self.root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        self._direct = direct_io and _supports_direct(self.root / "00")
+        self._aligned = _AlignedBuffer()
 
     def path(self, cid: ChunkId) -> Path:
         h = cid.hex()
@@ -53,12 +80,14 @@ class ChunkCache:
                 raise CacheFull(f"cache disk is nearly full; not storing chunk {cid.hex()}")
         tmp = final.with_name(final.name + f".{os.getpid()}.{id(frame):x}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            direct = self._direct
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o600)
             try:
-                view = memoryview(frame)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                if direct:
+                    _write_all(fd, self._aligned.holding(frame))
+                    os.ftruncate(fd, len(frame))
+                else:
+                    _write_all(fd, memoryview(frame))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -114,3 +143,30 @@ class ChunkCache:
                         yield ChunkId(bytes.fromhex(p.name))
                     except ValueError:
                         continue
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _supports_direct(folder: Path) -> bool:
+    """Can files in ``folder`` be written with O_DIRECT (4 KiB aligned)?"""
+    probe = folder / f"direct-probe.{os.getpid()}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        buf = mmap.mmap(-1, _ALIGN)
+        try:
+            os.write(fd, memoryview(buf))
+        finally:
+            buf.close()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
