@@ -26,12 +26,20 @@ class BytesLRU:
             self._data.move_to_end(cid)
         return data
 
-    def put(self, cid: ChunkId, data: bytes) -> None:
-        if not self.keep_last and len(data) > self.capacity:
-            return
+    def demote(self, cid: ChunkId) -> None:
+        """Make ``cid`` the first to be evicted."""
+        if cid in self._data:
+            self._data.move_to_end(cid, last=False)
+
+    def pop(self, cid: ChunkId) -> None:
         old = self._data.pop(cid, None)
         if old is not None:
             self._size -= len(old)
+
+    def put(self, cid: ChunkId, data: bytes) -> None:
+        if not self.keep_last and len(data) > self.capacity:
+            return
+        self.pop(cid)
         self._data[cid] = data
         self._size += len(data)
         while self._size > self.capacity and len(self._data) > (1 if self.keep_last else 0):
