@@ -12,6 +12,10 @@ Layout (little endian)::
     pay_len   Q    length of the payload that follows
     checksum  Q    xxh3-64 of the header's first 40 bytes and the payload
 
+Byte-grouped payloads (codecs 2-4) are the planes of the whole ``width``-byte elements followed by the
+last ``raw_len % width`` bytes as they are; a delta covers the whole elements the chunk and its base
+both have (``codec.transform``).
+
 Decoding verifies the checksum, decodes, and checks that xxh3-128 of the result equals the chunk id.
 Any mismatch raises ``CorruptChunk``: ckptfs never returns bytes it cannot prove are the ones written.
 All functions here are pure and may run in worker threads.
@@ -82,7 +86,7 @@ def encode(
     base: tuple[ChunkId, bytes | memoryview] | None = None,
 ) -> tuple[bytes, Codec]:
     """Encode ``data`` into a frame: raw, zstd, byte-grouped zstd or — when ``base`` = (id, plain bytes)
-    of the same length is given — XOR with or zigzag difference to the base, byte-grouped, zstd.
+    is given — XOR with or zigzag difference to the base, byte-grouped, zstd.
 
     The candidates (transform x element width 1/2/4, or the ``width`` the format told) are ranked on a
     sample, the winner is compressed whole, and the frame falls back to raw when that does not help.
@@ -91,10 +95,10 @@ def encode(
     raw_len = len(data)
     if raw_len == 0:
         return _pack(Codec.RAW, 0, 0, _NO_BASE, b""), Codec.RAW
-    base_bytes = base[1] if base is not None and len(base[1]) == raw_len else None
+    base_bytes = None if base is None else base[1]
     # width >= 1: the caller knows the element width (1 = plain bytes); 0: rank 1, 2 and 4 on a sample
-    widths = [width] if width >= 1 and raw_len % width == 0 else [1, 2, 4]
-    kind, w = best_candidate(data, base_bytes, candidates(raw_len, widths, base_bytes is not None))
+    widths = [width] if width >= 1 else [1, 2, 4]
+    kind, w = best_candidate(data, base_bytes, candidates(widths, base_bytes is not None))
     payload = zstandard.ZstdCompressor(level=level).compress(planes(kind, data, base_bytes, w))
     if kind in _DELTA_CODECS and base is not None:
         codec, used_base = _DELTA_CODECS[kind], bytes(base[0])
@@ -169,11 +173,9 @@ def decode(frame: bytes | memoryview, expected: ChunkId, base: bytes | memoryvie
             data = _decode_pco(hdr, payload, base)
         else:
             plain = zstandard.ZstdDecompressor().decompress(payload, max_output_size=hdr.raw_len)
-            if hdr.width > 1 and len(plain) % hdr.width:
-                raise CorruptChunk(f"{len(plain)} bytes are not whole {hdr.width}-byte elements")
             kind = _KINDS.get(hdr.codec, "plain")
-            if kind != "plain" and (base is None or len(base) != len(plain)):
-                raise CorruptChunk("delta frame decoded without its base (or with a base of the wrong size)")
+            if kind != "plain" and base is None:
+                raise CorruptChunk("delta frame decoded without its base")
             if kind == "sub" and hdr.width not in (2, 4, 8):
                 raise CorruptChunk(f"difference frame with element width {hdr.width}")
             data = unplanes(kind, plain, base, hdr.width) if kind != "plain" or hdr.width > 1 else plain
