@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from ckptfs.cache import ChunkCache
-from ckptfs.codec import Codec, encode_pco, parse_header
+from ckptfs.codec import Codec, decode, encode_pco, parse_header
 from ckptfs.codec.numeric import WIDTHS
 from ckptfs.errors import CacheFull, CorruptChunk, NotFound
 from ckptfs.files.chunks import ChunkIndex
@@ -59,8 +59,10 @@ def _denser_frame(cache: ChunkCache, cid: ChunkId, level: int) -> bytes | None:
     width = hdr.width if hdr.width in WIDTHS else 0
     if not width or hdr.raw_len % width:
         return None
-    data = fetch_and_decode(cache, cid)
-    base = None if hdr.base is None else (hdr.base, fetch_and_decode(cache, hdr.base))
+    base_bytes = None if hdr.base is None else fetch_and_decode(cache, hdr.base)
+    data = decode(old, cid, base_bytes)
+    # pcodec differences need equal lengths; the elements alone may still be denser
+    base = None if hdr.base is None or base_bytes is None or len(base_bytes) != len(data) else (hdr.base, base_bytes)
     if base is not None:
         mid = (len(data) // 2 - _SAMPLE // 2) // width * width
         window = slice(max(0, mid), max(0, mid) + _SAMPLE)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import trio
 
 from ckptfs.cache import ChunkCache
-from ckptfs.codec import encode, parse_header
+from ckptfs.codec import decode, encode, parse_header
 from ckptfs.errors import CacheFull, CorruptChunk, NotFound
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.gate import Gate
@@ -62,10 +62,11 @@ class _Node:
 def _reencode(cache: ChunkCache, cid: ChunkId, base: ChunkId | None, level: int) -> bytes:
     """Worker thread: the frame of ``cid``'s plain bytes encoded against ``base`` (or alone; also when the
     keyframe form wins)."""
-    width = parse_header(cache.get(cid)).width
-    data = fetch_and_decode(cache, cid)
+    frame = cache.get(cid)
+    hdr = parse_header(frame)
+    data = decode(frame, cid, None if hdr.base is None else fetch_and_decode(cache, hdr.base))
     pair = None if base is None else (base, fetch_and_decode(cache, base))
-    return encode(data, level, width, pair)[0]
+    return encode(data, level, hdr.width, pair)[0]
 
 
 class Repacker:
