@@ -88,8 +88,8 @@ def encode(
     """Encode ``data`` into a frame: raw, zstd, byte-grouped zstd or — when ``base`` = (id, plain bytes)
     is given — XOR with or zigzag difference to the base, byte-grouped, zstd.
 
-    The candidates (transform x element width 1/2/4, or the ``width`` the format told) are ranked on a
-    sample, the winner is compressed whole, and the frame falls back to raw when that does not help.
+    The candidates (``transform.candidates``: element width 1/2/4, or the ``width`` the format told)
+    are ranked on a sample, the winner is compressed whole, and the frame falls back to raw when that does not help.
     Worker-thread safe (creates its own compressor). Returns the frame and the codec chosen.
     """
     raw_len = len(data)
@@ -98,7 +98,7 @@ def encode(
     base_bytes = None if base is None else base[1]
     # width >= 1: the caller knows the element width (1 = plain bytes); 0: rank 1, 2 and 4 on a sample
     widths = [width] if width >= 1 else [1, 2, 4]
-    kind, w = best_candidate(data, base_bytes, candidates(widths, base_bytes is not None))
+    kind, w = best_candidate(data, base_bytes, candidates(widths, base_bytes is not None, raw_len))
     payload = zstandard.ZstdCompressor(level=level).compress(planes(kind, data, base_bytes, w))
     if kind in _DELTA_CODECS and base is not None:
         codec, used_base = _DELTA_CODECS[kind], bytes(base[0])

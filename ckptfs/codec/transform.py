@@ -26,7 +26,12 @@ import threading
 import numpy as np
 import zstandard
 
-_SAMPLE = 128 * 1024
+# Candidates are ranked on this many bytes from the middle of a chunk. With the element width known,
+# 64 KiB chose as well as 128 KiB on AdamW checkpoints (sizes within 0.1 %) at half the cost. Ranking
+# widths needs 128 KiB: on 64 KiB of floats zstd-1 gains nothing from byte planes, so width 1 "won".
+_SAMPLE = 64 * 1024
+_SAMPLE_WIDTHS = 128 * 1024
+_TINY = 4096
 # Chunks larger than this get fresh buffers instead of growing a thread's scratch space.
 _SCRATCH_MAX = 64 * 1024 * 1024
 
@@ -130,25 +135,32 @@ def unplanes(kind: str, grouped: bytes | memoryview, base: bytes | memoryview | 
     return out.tobytes()
 
 
-def candidates(widths: list[int], with_base: bool) -> list[tuple[str, int]]:
-    """Every (transform, width) worth trying."""
+def candidates(widths: list[int], with_base: bool, length: int) -> list[tuple[str, int]]:
+    """The (transform, width) pairs worth ranking: each width plain, and against a base the zigzag
+    difference for elements (XOR for single bytes).
+
+    XOR of elements is not ranked: it won a few nearly unchanged pieces of AdamW checkpoints, yet
+    leaving it out changed the series' sizes by -0.01 % (fp32) and -0.005 % (bf16), and each candidate
+    costs a zstd pass over the sample. Chunks under ``_TINY`` bytes (zip headers, small records) rank bytes only.
+    """
+    if length < _TINY:
+        widths = [1]
     out = [("plain", w) for w in widths]
     if with_base:
-        out += [("xor", w) for w in widths]
-        out += [("sub", w) for w in widths if w in _INT]
+        out += [("sub" if w in _INT else "xor", w) for w in widths]
     return out
 
 
 def best_candidate(
     data: bytes | memoryview, base: bytes | memoryview | None, options: list[tuple[str, int]]
 ) -> tuple[str, int]:
-    """Rank (transform, width) options by the zstd-1 size of ``data`` (of a 128 KiB sample from the
+    """Rank (transform, width) options by the zstd-1 size of ``data`` (of a 64 or 128 KiB sample from the
     middle of the part a base covers, when it is larger). Ties prefer the earlier option."""
     n = len(data)
     if len(options) == 1:
         return options[0]
     span = n if base is None else min(n, len(base))
-    size = min(n, _SAMPLE)
+    size = min(n, _SAMPLE if len({w for _, w in options}) == 1 else _SAMPLE_WIDTHS)
     start = ((span - size) // 2) & ~7 if span > size else 0
     sample = memoryview(data)[start : start + size]
     base_sample = None if base is None else memoryview(base)[start : start + size]
