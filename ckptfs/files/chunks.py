@@ -172,13 +172,13 @@ class ChunkIndex:
         ).fetchall()
         return [ChunkId(bytes(r[0])) for r in rows]
 
-    def direct_refs(self, cid: ChunkId) -> int:
+    def direct_refs(self, cid: ChunkId) -> int | None:
         """References to ``cid`` other than deltas coded against it: extents, slot entries (and pending
-        rebases). 0 means only deltas keep the chunk."""
+        rebases). 0 means only deltas keep the chunk; None that it is gone."""
         row = self.db.one(
             "SELECT refcount - (SELECT count(*) FROM chunks d WHERE d.base = c.id) FROM chunks c WHERE id=?", (cid,)
         )
-        return 0 if row is None else int(row[0])
+        return None if row is None else int(row[0])
 
     def begin_rebase(self, cid: ChunkId, new_base: ChunkId | None) -> None:
         """Before ``cid``'s new frame (coded against ``new_base``, or a keyframe) is written: hold the new
@@ -280,7 +280,7 @@ class ChunkIndex:
         n = 0
         while todo:
             cid = todo.pop()
-            if cid in self._pins or cid in self._inflight:
+            if self.pinned(cid):
                 continue
             row = self.db.one("SELECT refcount, base FROM chunks WHERE id=?", (cid,))
             if row is not None and int(row[0]) > 0:

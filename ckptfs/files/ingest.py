@@ -224,7 +224,7 @@ class Ingester:
             slot_map = self.chunks.slot_bases(signature) if signature else {}
             results: dict[int, ChunkId] = {}
             new_chunks: list[ChunkId] = []
-            used_bases: list[ChunkId] = []
+            used_bases: list[tuple[ChunkId, VersionId | None]] = []  # with the version it came from
             limit = trio.Semaphore(s.parallel_pieces)
 
             async def one(piece: Piece) -> None:
@@ -273,12 +273,13 @@ class Ingester:
                             depth = base[1] + 1 if used is not None and base is not None else 0
                             self.chunks.record_stored(cid, codec, len(data), len(frame), used, depth)
                             if used is not None:
-                                used_bases.append(used)
+                                same = candidate is not None and used == candidate.chunk
+                                used_bases.append((used, candidate.version if same and candidate else None))
                             new_chunks.append(cid)
                         finally:
                             self.chunks.release_claim(cid)
                     if piece.slot:
-                        self._keep_base(slot_map.get(piece.slot), cid, data)
+                        self._keep_base(candidate, cid, data)
                 finally:
                     limit.release()
 
@@ -343,15 +344,19 @@ class Ingester:
         )
         return None if twin is None else f"{bytes(row[0]).decode(errors='replace')}:{size}"
 
-    def _base_version(self, used_bases: list[ChunkId]) -> VersionId | None:
-        """The version most of this version's delta bases came from (for ``ls-versions``)."""
+    def _base_version(self, used_bases: list[tuple[ChunkId, VersionId | None]]) -> VersionId | None:
+        """The version most of this version's delta bases came from (for ``ls-versions``): the slot's
+        version when the base was the slot's latest chunk (known even if that file is gone by now, as
+        when tmp + rename replaced it during the ingest), else the newest version using the chunk."""
         votes: Counter[int] = Counter()
-        for cid in used_bases[:64]:
-            row = self.contents.db.one(
-                "SELECT version FROM extents WHERE chunk=? ORDER BY version DESC LIMIT 1", (cid,)
-            )
-            if row is not None:
-                votes[int(row[0])] += 1
+        for cid, version in used_bases[:64]:
+            if version is None:
+                row = self.contents.db.one(
+                    "SELECT version FROM extents WHERE chunk=? ORDER BY version DESC LIMIT 1", (cid,)
+                )
+                version = None if row is None else VersionId(int(row[0]))
+            if version is not None:
+                votes[int(version)] += 1
         return VersionId(votes.most_common(1)[0][0]) if votes else None
 
     def _commit(

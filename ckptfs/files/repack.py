@@ -90,7 +90,8 @@ class Repacker:
             self.chunks.released.clear()
             roots: set[ChunkId] = set()
             for cid in todo:
-                if self.chunks.has(cid) and self.chunks.direct_refs(cid) <= 0:
+                refs = self.chunks.direct_refs(cid)
+                if refs is not None and refs <= 0:
                     root = self._root(cid)
                     if root is not None:
                         roots.add(root)
