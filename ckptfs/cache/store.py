@@ -159,11 +159,7 @@ def _supports_direct(folder: Path) -> bool:
     except OSError:
         return False
     try:
-        buf = mmap.mmap(-1, _ALIGN)
-        try:
-            os.write(fd, memoryview(buf))
-        finally:
-            buf.close()
+        os.write(fd, _AlignedBuffer().holding(b""))
         return True
     except OSError:
         return False

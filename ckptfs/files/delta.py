@@ -34,17 +34,17 @@ def _live(chunks: ChunkIndex, cid: ChunkId, inode: InodeId) -> bool:
     return row is not None
 
 
-def _root(chunks: ChunkIndex, cid: ChunkId, depth: int) -> ChunkId | None:
-    """The keyframe at the root of ``cid``'s chain."""
-    hops = 0
-    while depth > 0:
+def chain_root(chunks: ChunkIndex, cid: ChunkId) -> ChunkId | None:
+    """The keyframe at the root of ``cid``'s delta chain; None when a chunk on the way is gone or the
+    chain is longer than any read could decode."""
+    for _ in range(MAX_CHAIN + 1):
         row = chunks.db.one("SELECT base FROM chunks WHERE id=?", (cid,))
-        if row is None or row[0] is None or hops > MAX_CHAIN:
+        if row is None:
             return None
-        cid, depth = ChunkId(bytes(row[0])), depth - 1
-        hops += 1
-    row = chunks.db.one("SELECT depth FROM chunks WHERE id=?", (cid,))
-    return cid if row is not None and int(row[0]) == 0 else None
+        if row[0] is None:
+            return cid
+        cid = ChunkId(bytes(row[0]))
+    return None
 
 
 def choose_base(
@@ -63,7 +63,7 @@ def choose_base(
         cached = cache.get(cid)
         if (cached is not None or depth == 0) and _live(chunks, cid, inode):
             return cid, depth, cached
-    root = _root(chunks, cid, depth)
+    root = chain_root(chunks, cid)
     if root is None or not _live(chunks, root, inode):
         return None
     return root, 0, cache.get(root)

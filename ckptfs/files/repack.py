@@ -34,6 +34,7 @@ from ckptfs.cache import ChunkCache
 from ckptfs.codec import decode, encode, parse_header
 from ckptfs.errors import CacheFull, CorruptChunk, NotFound
 from ckptfs.files.chunks import ChunkIndex
+from ckptfs.files.delta import chain_root
 from ckptfs.files.gate import Gate
 from ckptfs.files.reader import MAX_CHAIN, fetch_and_decode
 from ckptfs.files.swap import swap_frame
@@ -92,7 +93,7 @@ class Repacker:
             for cid in todo:
                 refs = self.chunks.direct_refs(cid)
                 if refs is not None and refs <= 0:
-                    root = self._root(cid)
+                    root = chain_root(self.chunks, cid)
                     if root is not None:
                         roots.add(root)
             todo.clear()
@@ -102,16 +103,6 @@ class Repacker:
                         await self.repack_tree(root)
                 except (CacheFull, OSError, CorruptChunk, NotFound) as exc:
                     log.warning("repack of the delta tree at %s stopped: %s", root.hex(), exc)
-
-    def _root(self, cid: ChunkId) -> ChunkId | None:
-        for _ in range(MAX_CHAIN + 1):
-            row = self.chunks.db.one("SELECT base FROM chunks WHERE id=?", (cid,))
-            if row is None:
-                return None
-            if row[0] is None:
-                return cid
-            cid = ChunkId(bytes(row[0]))
-        return None
 
     def _tree(self, root: ChunkId) -> list[_Node]:
         rows = self.chunks.db.execute(

@@ -23,8 +23,8 @@ from ckptfs.types import ChunkId
 async def swap_frame(chunks: ChunkIndex, workers: Workers, cid: ChunkId, frame: bytes, depth: int) -> None:
     """Make ``frame`` (whose header names its base) the stored form of ``cid`` at chain ``depth``; collect
     whatever loses its last reference. The caller pins ``cid`` and the new base."""
-    new_base = parse_header(frame).base
-    chunks.begin_rebase(cid, new_base)
+    hdr = parse_header(frame)
+    chunks.begin_rebase(cid, hdr.base)
     released: list[ChunkId] = []
     try:
         await workers.run_io(chunks.cache.put, cid, frame)
@@ -33,6 +33,6 @@ async def swap_frame(chunks: ChunkIndex, workers: Workers, cid: ChunkId, frame: 
         released += chunks.settle_rebase(cid)  # the old frame or the new one, whichever is there
         chunks.collect(released)
         raise
-    old = chunks.finish_rebase(cid, int(parse_header(frame).codec), len(frame), depth)
+    old = chunks.finish_rebase(cid, int(hdr.codec), len(frame), depth)
     if old is not None:
         chunks.collect([old])
