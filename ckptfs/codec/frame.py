@@ -35,6 +35,7 @@ from ckptfs.codec.numeric import pco_decode, pco_encode
 from ckptfs.codec.transform import (
     best_candidate,
     candidates,
+    compressor,
     planes,
     unplanes,
 )
@@ -90,7 +91,7 @@ def encode(
 
     The candidates (``transform.candidates``: element width 1/2/4, or the ``width`` the format told)
     are ranked on a sample, the winner is compressed whole, and the frame falls back to raw when that does not help.
-    Worker-thread safe (creates its own compressor). Returns the frame and the codec chosen.
+    Worker-thread safe (each thread has its own compressors). Returns the frame and the codec chosen.
     """
     raw_len = len(data)
     if raw_len == 0:
@@ -99,7 +100,7 @@ def encode(
     # width >= 1: the caller knows the element width (1 = plain bytes); 0: rank 1, 2 and 4 on a sample
     widths = [width] if width >= 1 else [1, 2, 4]
     kind, w = best_candidate(data, base_bytes, candidates(widths, base_bytes is not None, raw_len))
-    payload = zstandard.ZstdCompressor(level=level).compress(planes(kind, data, base_bytes, w))
+    payload = compressor(level, w).compress(planes(kind, data, base_bytes, w))
     if kind in _DELTA_CODECS and base is not None:
         codec, used_base = _DELTA_CODECS[kind], bytes(base[0])
     else:
