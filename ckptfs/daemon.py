@@ -123,7 +123,12 @@ class _Components:
         cache_dir = cfg.cache.dir
         self.db = Database(Path(cache_dir) / DB_NAME)
         # Ingest stops at half the reserve, so namespace operations (unlink to free space!) still fit.
-        self.cache = ChunkCache(cache_dir, min_free=cfg.cache.reserve_mb * MiB // 2, direct_io=cfg.cache.direct_io)
+        self.cache = ChunkCache(
+            cache_dir,
+            min_free=cfg.cache.reserve_mb * MiB // 2,
+            direct_io=cfg.cache.direct_io,
+            db_path=self.db.path,
+        )
         self.cache.sweep_tmp()
         self.workers = Workers.create(cfg.ingest.threads, cfg.ingest.nice)
         self.chunks = ChunkIndex(self.db, self.cache)

@@ -6,6 +6,7 @@ Crash windows and what repairs them (see also files/ingest.py):
 |----------------------------------------------------|--------------------------------------|-------------------|
 | kill during writes / before ingest commit          | version 'staged', staging file       | mount re-ingests  |
 | after chunk put, before its row is recorded        | chunk file without row (orphan)      | ``--repair``       |
+| after a frame swap made a file's frame small       | stale chunk file (frame in the db)   | ``--repair``       |
 | after chunk row, before the version commit         | chunk row with refcount 0            | mount collects    |
 | after an unlink while the file was open            | inode with nlink 0                   | mount purges      |
 | during a frame swap (repack, compaction)           | ``rebase_intents`` row               | mount settles it  |
@@ -59,7 +60,7 @@ def check(
         return rep
     mode = "rw" if repair else "ro"
     conn = sqlite3.connect(f"file:{db_path}?mode={mode}", uri=True)
-    cache = ChunkCache(cache_dir) if repair else _ReadOnlyCache(cache_dir)
+    cache = ChunkCache(cache_dir, db_path=db_path) if repair else ChunkCache.read_only(cache_dir, db_path)
     gone: list[ChunkId] = []
     try:
         # One snapshot of the metadata: a running daemon's commits do not show up half-way.
@@ -76,11 +77,6 @@ def check(
     finally:
         conn.close()
     return rep
-
-
-class _ReadOnlyCache(ChunkCache):
-    def __init__(self, root: str | Path) -> None:  # no mkdir
-        self.root = Path(root) / "chunks"
 
 
 def _check_namespace(conn: sqlite3.Connection, rep: Report) -> None:
@@ -183,11 +179,15 @@ def _check_chunks(
             rep.problems.append(f"chunk {cid.hex()}: corrupt ({exc})")
     for cid in {ChunkId(c) for c in uses} - known:
         rep.problems.append(f"chunk {cid.hex()}: referenced but has no metadata row")
+    small = {ChunkId(bytes(r[0])) for r in conn.execute("SELECT chunk FROM frames")}
+    for cid in small - known:
+        rep.problems.append(f"chunk {cid.hex()}: small frame without a chunk row")
     if cache.root.exists():
         for cid in cache.iter_ids():
-            if cid not in known:
+            if cid not in known or cid in small:
+                why = "no metadata row" if cid not in known else "stale: the chunk's frame is in the database"
                 if repair:
                     cache.delete(cid)
-                    rep.repaired.append(f"removed orphan chunk file {cid.hex()}")
+                    rep.repaired.append(f"removed orphan chunk file {cid.hex()} ({why})")
                 else:
-                    rep.warnings.append(f"orphan chunk file {cid.hex()} (no metadata row; --repair removes it)")
+                    rep.warnings.append(f"orphan chunk file {cid.hex()} ({why}; --repair removes it)")

@@ -43,3 +43,23 @@ def digest(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def flip_stored_byte(cache: Path, cid: bytes, pos: int = -1) -> None:
+    """Flip a bit of byte ``pos`` of chunk ``cid``'s stored frame (a file, or a row of ``frames``)
+    in the cache directory of a stopped daemon."""
+    import sqlite3
+
+    path = cache / "chunks" / cid.hex()[:2] / cid.hex()
+    db = sqlite3.connect(cache / "meta.db")
+    try:
+        row = db.execute("SELECT frame FROM frames WHERE chunk=?", (cid,)).fetchone()
+        frame = bytearray(row[0] if row is not None else path.read_bytes())
+        frame[pos] ^= 0x40
+        if row is not None:
+            db.execute("UPDATE frames SET frame=? WHERE chunk=?", (bytes(frame), cid))
+            db.commit()
+        else:
+            path.write_bytes(bytes(frame))
+    finally:
+        db.close()

@@ -2,7 +2,8 @@
 
 Trio thread only. Invariants:
 
-* a chunk row exists only after its frame is in the cache (``record_stored`` is called after ``put``);
+* a chunk row exists only after its frame is in the cache (``record_stored`` is called after ``put``,
+  or writes a small frame itself, in the same transaction: ``cache.store``);
 * ``refcount`` = extents naming the chunk + chunks whose delta base it is + ``slot_index`` entries naming
   it + ``rebase_intents`` naming it as the new base. A delta's base therefore lives as long as the
   delta, whatever happens to the file it came from (``files.repack`` re-encodes deltas whose bases
@@ -48,6 +49,8 @@ class ChunkIndex:
         self._inflight: dict[ChunkId, trio.Event] = {}
         # chunks that lost a reference but are still referenced: maybe only by deltas now (files.repack)
         self.released: set[ChunkId] = set()
+        # chunk files whose directory entry no ingest has fsynced yet (``files.ingest`` step 4)
+        self.unsynced: set[ChunkId] = set()
 
     def has(self, cid: ChunkId) -> bool:
         return self.db.one("SELECT 1 FROM chunks WHERE id=?", (cid,)) is not None
@@ -80,9 +83,17 @@ class ChunkIndex:
             ev.set()
 
     def record_stored(
-        self, cid: ChunkId, codec: int, raw_len: int, stored: int, base: ChunkId | None, depth: int
+        self,
+        cid: ChunkId,
+        codec: int,
+        raw_len: int,
+        stored: int,
+        base: ChunkId | None,
+        depth: int,
+        small_frame: bytes | None = None,
     ) -> None:
-        """Insert the row of a chunk whose frame is now in the cache (refcount 0 until committed).
+        """Insert the row of a chunk whose frame is now in the cache — or is ``small_frame``, written
+        here with the row (``ChunkCache.is_small``) — at refcount 0 until committed.
 
         The base (which the caller has pinned, so it exists) gains one reference for its new dependent.
         """
@@ -92,6 +103,8 @@ class ChunkIndex:
                 " VALUES (?,?,?,?,0,?,?)",
                 (cid, codec, raw_len, stored, base, depth),
             )
+            if cur.rowcount and small_frame is not None:
+                c.execute("INSERT OR REPLACE INTO frames (chunk, frame) VALUES (?,?)", (cid, small_frame))
             if cur.rowcount and base is not None:
                 c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (base,))
 
@@ -188,9 +201,12 @@ class ChunkIndex:
             if new_base is not None:
                 c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (new_base,))
 
-    def finish_rebase(self, cid: ChunkId, codec: int, stored: int, depth: int) -> ChunkId | None:
-        """After the new frame is durable: the row names the new base, the old base loses this chunk's
-        reference (returned, for ``collect``). No checkpoint."""
+    def finish_rebase(
+        self, cid: ChunkId, codec: int, stored: int, depth: int, small_frame: bytes | None = None
+    ) -> ChunkId | None:
+        """After the new frame is durable (or with it: ``small_frame``, written here): the row names the
+        new base, the old base loses this chunk's reference (returned, for ``collect``). A file frame
+        replaces a small one; a small frame leaves a stale file, which the caller deletes. No checkpoint."""
         with self.db.transaction() as c:
             new_base = c.execute("SELECT new_base FROM rebase_intents WHERE chunk=?", (cid,)).fetchone()
             old = c.execute("SELECT base FROM chunks WHERE id=?", (cid,)).fetchone()
@@ -201,6 +217,10 @@ class ChunkIndex:
                 (codec, stored, new_base[0], depth, cid),
             )
             c.execute("DELETE FROM rebase_intents WHERE chunk=?", (cid,))
+            if small_frame is None:
+                c.execute("DELETE FROM frames WHERE chunk=?", (cid,))
+            else:
+                c.execute("INSERT OR REPLACE INTO frames (chunk, frame) VALUES (?,?)", (cid, small_frame))
             if old[0] is not None:
                 c.execute("UPDATE chunks SET refcount = refcount - 1 WHERE id=?", (old[0],))
         return None if old[0] is None else ChunkId(bytes(old[0]))
@@ -224,12 +244,18 @@ class ChunkIndex:
         if row is None:
             return []
         new_base = None if row[0] is None else ChunkId(bytes(row[0]))
-        try:
-            frame = self.cache.get(cid)
-            hdr = parse_header(frame)
-            written = hdr.base == new_base
-        except (NotFound, CorruptChunk):
+        if self.db.one("SELECT 1 FROM frames WHERE chunk=?", (cid,)) is not None:
+            # A small new frame is written with the finishing transaction, so this rebase wrote none;
+            # a file written meanwhile is stale (``get`` prefers the small frame): roll back.
+            self.cache.delete(cid)
             written = False
+        else:
+            try:
+                frame = self.cache.get(cid)
+                hdr = parse_header(frame)
+                written = hdr.base == new_base
+            except (NotFound, CorruptChunk):
+                written = False
         if written:
             base_depth = None if new_base is None else self.depth(new_base)
             old = self.finish_rebase(cid, int(hdr.codec), len(frame), 0 if base_depth is None else base_depth + 1)
@@ -289,10 +315,12 @@ class ChunkIndex:
                 continue
             with self.db.transaction() as c:  # atomic: no await until commit
                 c.execute("DELETE FROM chunks WHERE id=?", (cid,))
+                c.execute("DELETE FROM frames WHERE chunk=?", (cid,))
                 c.execute("DELETE FROM compact_queue WHERE chunk=?", (cid,))
                 if row[1] is not None:
                     c.execute("UPDATE chunks SET refcount = refcount - 1 WHERE id=?", (row[1],))
             self.cache.delete(cid)
+            self.unsynced.discard(cid)
             if row[1] is not None:
                 todo.append(ChunkId(row[1]))
             n += 1

@@ -277,12 +277,14 @@ class FileContents:
         act = self.active.get(inode)
         return act is not None and act.version == vid and act.gen == gen and act.writers == 0
 
-    def finish_ingest(self, inode: InodeId) -> None:
-        """The version was committed: forget the staging file. No checkpoint."""
+    def finish_ingest(self, inode: InodeId) -> str:
+        """The version was committed: forget its staging file, and return its name. The caller deletes
+        it once the commit is durable (``Database.sync_wal``): until then, a power loss could undo the
+        commit and leave the version staged. No checkpoint."""
         act = self.active.pop(inode)
         os.close(act.fd)
-        self.staging.remove(act.staging)
         self._locks.pop(inode, None)
+        return act.staging
 
     # -- lifecycle -----------------------------------------------------------------------------
 

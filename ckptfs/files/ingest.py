@@ -7,16 +7,20 @@ Runs in the background; no FUSE request ever waits for it. Per version:
 3. per piece, bounded in parallel: choose the slot's delta base [trio]; read + hash + encode in one
    worker call (pieces <= 16 KiB inline) — skipping the encode when the piece equals its slot's
    previous chunk; dedup against the index and the other in-flight jobs [trio]; for a new chunk:
-   put (fsync) [I/O thread], record row [trio]. Content-defined pieces (no slot) are mostly
-   duplicates, so they are read + hashed first and encoded only when new
+   put (fsync) [I/O thread], record row [trio] — a small frame goes into the row's transaction
+   instead (``cache.store``). Content-defined pieces (no slot) are mostly duplicates, so they are
+   read + hashed first and encoded only when new
 4. fsync the chunk directories                                                [worker thread]
 5. commit in one transaction, only if the version is still sealed with the same gen: extents,
    refcounts, state 'local', drop older versions of the inode                 [trio thread, atomic]
-6. drop the staging file; collect chunks that lost their last reference       [trio thread]
+6. collect chunks that lost their last reference                              [trio thread]
+7. fsync the WAL (the commit is durable), then delete the staging file        [worker thread]
 
 A failure (cache full, I/O error) leaves the version staged and retries it later with backoff; the
 data stays readable from the staging file. A crash anywhere before 5 leaves the version staged and
-start-up re-queues it; chunk rows left at refcount 0 are collected at start-up.
+start-up re-queues it; chunk rows left at refcount 0 are collected at start-up. SQLite commits are not
+fsync'd (WAL, synchronous=NORMAL), so without 7's order a power loss could undo the commit after the
+staging file was gone; a crash between 5 and 7 leaves a stray staging file, deleted at start-up.
 
 The ingester also runs the two background jobs that re-encode stored chunks, each taking the gate
 that ingest jobs share alone (``files.gate``) and both waiting for a pause in writes (``busy``):
@@ -224,6 +228,7 @@ class Ingester:
             slot_map = self.chunks.slot_bases(signature) if signature else {}
             results: dict[int, ChunkId] = {}
             new_chunks: list[ChunkId] = []
+            new_files: list[ChunkId] = []  # new chunks with a frame file of their own
             used_bases: list[tuple[ChunkId, VersionId | None]] = []  # with the version it came from
             limit = trio.Semaphore(s.parallel_pieces)
 
@@ -269,9 +274,17 @@ class Ingester:
                                     job.base_bytes,
                                 )
                             frame, codec, used = encoded
-                            await self.workers.run_io(self.chunks.cache.put, cid, frame)
+                            small = self.chunks.cache.is_small(frame)
+                            if small:
+                                self.chunks.cache.check_space(cid, len(frame))
+                            else:
+                                await self.workers.run_io(self.chunks.cache.put, cid, frame)
+                                new_files.append(cid)
+                                self.chunks.unsynced.add(cid)
                             depth = base[1] + 1 if used is not None and base is not None else 0
-                            self.chunks.record_stored(cid, codec, len(data), len(frame), used, depth)
+                            self.chunks.record_stored(
+                                cid, codec, len(data), len(frame), used, depth, frame if small else None
+                            )
                             if used is not None:
                                 same = candidate is not None and used == candidate.chunk
                                 used_bases.append((used, candidate.version if same and candidate else None))
@@ -295,11 +308,21 @@ class Ingester:
             if not self.contents.still_sealed(inode, vid, gen):
                 log.debug("version %d changed during ingest; will be ingested again", vid)
                 return
-            await self.workers.run_io(self.chunks.cache.sync_dirs, new_chunks)
+            # also the entries of chunks another job stored and this version dedups against: that job
+            # may not have fsynced their directories yet when this version's commit becomes durable
+            to_sync = set(new_files) | (self.chunks.unsynced & set(results.values()))
+            await self.workers.run_io(self.chunks.cache.sync_dirs, to_sync)
+            self.chunks.unsynced -= to_sync
             if not self.contents.still_sealed(inode, vid, gen):
                 return
             base_version = self._base_version(used_bases)
-            self._commit(inode, vid, size, layout, signature, base_version, pieces, results, new_chunks)
+            staging = self._commit(inode, vid, size, layout, signature, base_version, pieces, results, new_chunks)
+            try:
+                await self.workers.run_io(self.contents.db.sync_wal)
+            except OSError as exc:
+                log.warning("cannot fsync the metadata WAL (%s); keeping staging file %s until restart", exc, staging)
+            else:
+                self.contents.staging.remove(staging)
             log.debug(
                 "version %d: %d bytes -> %d pieces (%s) in %.2fs",
                 vid,
@@ -370,7 +393,8 @@ class Ingester:
         pieces: list[Piece],
         results: dict[int, ChunkId],
         new_chunks: list[ChunkId],
-    ) -> None:
+    ) -> str:
+        """Commit the version as ``local``; return its staging file's name (deleted once this is durable)."""
         touched: list[ChunkId] = []
         with self.contents.db.transaction() as c:  # atomic: no await until commit
             ChunkIndex.queue_compaction_in(c, new_chunks)
@@ -393,5 +417,6 @@ class Ingester:
                 touched += ChunkIndex.drop_version_refs(c, old)
                 c.execute("DELETE FROM versions WHERE id=?", (old,))
                 self.contents.reader.forget_version(VersionId(old))
-        self.contents.finish_ingest(inode)
+        staging = self.contents.finish_ingest(inode)
         self.chunks.collect(touched)
+        return staging

@@ -34,6 +34,8 @@ class Extents:
     chunks: list[ChunkId]
 
 
+# Chunks up to this size are decoded on the trio thread: faster than a thread round trip.
+_INLINE_DECODE = 64 * 1024
 # Longer delta chains than this are treated as corrupt (they cannot be written; a cycle would loop).
 MAX_CHAIN = 64
 
@@ -90,21 +92,32 @@ class ChunkReader:
             return await self.chunk(cid, _depth)
         ev = self._pending[cid] = trio.Event()
         try:
-            frame = await self.workers.run_foreground(self.cache.get, cid)
+            frame = await self._frame(cid)
             hdr = parse_header(frame)
             try:
                 base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
             except NotFound:
                 # re-encoded against another base (files.repack) after we read it, the old base collected
-                frame = await self.workers.run_foreground(self.cache.get, cid)
+                frame = await self._frame(cid)
                 hdr = parse_header(frame)
                 base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
-            data = await self.workers.run_foreground(decode, frame, cid, base)
+            if hdr.raw_len <= _INLINE_DECODE:
+                data = decode(frame, cid, base)
+            else:
+                data = await self.workers.run_foreground(decode, frame, cid, base)
         finally:
             del self._pending[cid]
             ev.set()
         self._decoded.put(cid, data)
         return data
+
+    async def _frame(self, cid: ChunkId) -> bytes:
+        """The stored frame of ``cid``: a small one from the database right here (a thread round trip
+        would cost more), else the file's, read in a worker thread."""
+        row = self.db.one("SELECT frame FROM frames WHERE chunk=?", (cid,))
+        if row is not None:
+            return bytes(row[0])
+        return await self.workers.run_foreground(self.cache.get, cid)
 
     async def read(self, vid: VersionId, size_of_file: int, off: int, size: int, what: str) -> bytes:
         """Read ``size`` bytes at ``off`` of committed version ``vid``. ``what`` names the file in logs."""

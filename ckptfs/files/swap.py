@@ -7,6 +7,9 @@ plain bytes and every reference to it stay; only the frame and the chunk row's c
 2. the new frame replaces the old one atomically (write tmp, fsync, rename, fsync the directory);
 3. the chunk row names the new base and releases the old one (``ChunkIndex.finish_rebase``).
 
+A small new frame (``ChunkCache.is_small``) is written by step 3's transaction itself, and the old
+frame's file, if any, deleted after it.
+
 A crash between 1 and 3 is settled at start-up from whichever frame is on disk
 (``ChunkIndex.recover_rebases``). Readers that fetched the old frame just before the rename and then
 miss its old base retry once (``ChunkReader.chunk``). Run it holding the ingest gate exclusively.
@@ -25,14 +28,17 @@ async def swap_frame(chunks: ChunkIndex, workers: Workers, cid: ChunkId, frame: 
     whatever loses its last reference. The caller pins ``cid`` and the new base."""
     hdr = parse_header(frame)
     chunks.begin_rebase(cid, hdr.base)
-    released: list[ChunkId] = []
-    try:
-        await workers.run_io(chunks.cache.put, cid, frame)
-        await workers.run_io(chunks.cache.sync_dirs, [cid])
-    except BaseException:
-        released += chunks.settle_rebase(cid)  # the old frame or the new one, whichever is there
-        chunks.collect(released)
-        raise
-    old = chunks.finish_rebase(cid, int(hdr.codec), len(frame), depth)
+    small = chunks.cache.is_small(frame)
+    if not small:
+        try:
+            await workers.run_io(chunks.cache.put, cid, frame)
+            await workers.run_io(chunks.cache.sync_dirs, [cid])
+        except BaseException:
+            released = chunks.settle_rebase(cid)  # the old frame or the new one, whichever is there
+            chunks.collect(released)
+            raise
+    old = chunks.finish_rebase(cid, int(hdr.codec), len(frame), depth, frame if small else None)
+    if small:
+        chunks.cache.delete(cid)  # the old frame's file, if it had one (stale now)
     if old is not None:
         chunks.collect([old])

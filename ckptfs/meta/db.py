@@ -9,13 +9,14 @@ explicitly by ``checkpoint()``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added ``frames``; a version-1 database is upgraded in place
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -96,13 +97,20 @@ CREATE TABLE IF NOT EXISTS slot_index (
 CREATE INDEX IF NOT EXISTS slot_index_version ON slot_index (version);
 CREATE INDEX IF NOT EXISTS chunks_unref ON chunks (refcount) WHERE refcount = 0;
 CREATE INDEX IF NOT EXISTS chunks_base ON chunks (base) WHERE base IS NOT NULL;
--- A chunk being re-encoded against a new base (files/repack.py). The row holds one reference on
--- new_base from before the new frame is written until the chunk row names it; start-up finishes or
--- rolls back whatever a crash interrupted (ChunkIndex.recover_rebases).
+-- Frames of at most cache.store.SMALL_FRAME bytes (zip headers, small records, chunks that compress to
+-- almost nothing) live here instead of one file each: written in the transaction that records the
+-- chunk row, so no file, fsync or thread hop per small chunk. Readers look here before the file.
+CREATE TABLE IF NOT EXISTS frames (
+    chunk BLOB PRIMARY KEY,
+    frame BLOB NOT NULL
+);
 -- Chunks stored by ingest or repack that files/compact.py has not tried pcodec on yet.
 CREATE TABLE IF NOT EXISTS compact_queue (
     chunk BLOB PRIMARY KEY
 ) WITHOUT ROWID;
+-- A chunk being re-encoded against a new base (files/repack.py). The row holds one reference on
+-- new_base from before the new frame is written until the chunk row names it; start-up finishes or
+-- rolls back whatever a crash interrupted (ChunkIndex.recover_rebases).
 CREATE TABLE IF NOT EXISTS rebase_intents (
     chunk    BLOB PRIMARY KEY,
     new_base BLOB                         -- NULL: the chunk becomes a keyframe
@@ -129,6 +137,8 @@ class Database:
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) == 1:  # the only change since: the ``frames`` table, which _SCHEMA created
+            self.conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise RuntimeError(f"metadata schema {row[0]} is not supported (expected {SCHEMA_VERSION})")
 
@@ -149,6 +159,21 @@ class Database:
     def one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[Any, ...] | None:  # row values are SQL-typed
         row: tuple[Any, ...] | None = self.conn.execute(sql, params).fetchone()
         return row
+
+    def sync_wal(self) -> None:
+        """Make every transaction committed so far durable: fsync the WAL, where they were appended
+        (or, if a checkpoint already moved them, the database file, which that checkpoint synced).
+        Blocking, thread-safe: it touches no connection, so it can run in a worker thread."""
+        for path in (self.path.with_name(self.path.name + "-wal"), self.path):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file with a full fsync."""

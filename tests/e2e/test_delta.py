@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 import torch
 
-from tests.helpers import assert_state_equal
+from tests.helpers import assert_state_equal, flip_stored_byte
 
 
 def train_series(n: int, dtype=torch.float32, width: int = 512, lr: float = 1e-4, seed: int = 0):
@@ -136,10 +136,7 @@ def test_corrupt_base_makes_dependent_reads_fail_with_eio(mount):
     db.close()
     assert bases
     for cid in bases:  # flip one byte in every chunk some delta depends on
-        p = mount.cache / "chunks" / cid.hex()[:2] / cid.hex()
-        raw = bytearray(p.read_bytes())
-        raw[-1] ^= 0x40
-        p.write_bytes(bytes(raw))
+        flip_stored_byte(mount.cache, cid)
     mount.start()
     with pytest.raises(OSError) as e:
         mount.path("b.pt").read_bytes()

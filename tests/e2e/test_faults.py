@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import digest
+from tests.helpers import digest, flip_stored_byte, make_state
 
 
 @pytest.fixture
@@ -76,6 +76,31 @@ def test_flipped_byte_in_stored_chunk_gives_eio(mount_factory):
         m.path("victim.bin").read_bytes()
     assert e.value.errno == errno.EIO
     assert "corrupt chunk" in m.log()
+    res = m.cli("fsck", "--cache", str(m.cache), "--verify-data", check=False)
+    assert res.returncode == 1 and "corrupt" in res.stdout
+    m.umount()
+
+
+def test_flipped_byte_in_a_small_frame_gives_eio(mount_factory):
+    """Small frames (zip headers, small records) live in meta.db: corrupting one is caught the same way."""
+    import sqlite3
+
+    import torch
+
+    m = mount_factory()
+    m.expect_errors = True
+    torch.save(make_state(3), m.path("ck.pt"))
+    m.wait_local("ck.pt")
+    m.umount()
+    db = sqlite3.connect(m.cache / "meta.db")
+    small = [bytes(r[0]) for r in db.execute("SELECT chunk FROM frames WHERE length(frame) > 64")]
+    db.close()
+    assert len(small) > 4  # a torch.save file has many
+    flip_stored_byte(m.cache, small[len(small) // 2], pos=60)  # in the payload, past the 48-byte header
+    m.start()
+    with pytest.raises(OSError) as e:
+        m.path("ck.pt").read_bytes()
+    assert e.value.errno == errno.EIO
     res = m.cli("fsck", "--cache", str(m.cache), "--verify-data", check=False)
     assert res.returncode == 1 and "corrupt" in res.stdout
     m.umount()

@@ -26,7 +26,7 @@ def _floats(seed: int, base: bytes | None = None) -> bytes:
 @pytest.fixture
 def index(tmp_path):
     db = Database(tmp_path / "meta.db")
-    chunks = ChunkIndex(db, ChunkCache(tmp_path))
+    chunks = ChunkIndex(db, ChunkCache(tmp_path, db_path=db.path))
     yield chunks
     db.conn.close()
 
