@@ -195,17 +195,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_repacked(db_path: Path, timeout: float = 600) -> None:
-    """Wait until no chunk is held only by deltas coded against it (deleted bases re-encoded away)."""
+def wait_settled(db_path: Path, timeout: float = 600) -> None:
+    """Wait until the background re-encoding is done: no chunk is held only by deltas coded against it
+    (deleted bases re-encoded away) and pcodec compaction has tried every chunk."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     deadline = time.monotonic() + timeout
     try:
         while db.execute(
             "SELECT count(*) FROM chunks c WHERE refcount > 0"
             " AND refcount <= (SELECT count(*) FROM chunks d WHERE d.base = c.id)"
-        ).fetchone()[0]:
+        ).fetchone()[0] or db.execute("SELECT count(*) FROM compact_queue").fetchone()[0]:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{db_path}: deleted delta bases not repacked after {timeout}s")
+                raise TimeoutError(f"{db_path}: repack and compaction not done after {timeout}s")
             time.sleep(0.2)
     finally:
         db.close()
@@ -256,7 +257,7 @@ def main() -> int:
             base = Baselines()
             daemon = int((work / "cache" / "ckptfs.pid").read_text())
             logical, ingest_s, ingest_cpu, kept = write_series(args, series, mnt, base, daemon)
-            wait_repacked(work / "cache" / "meta.db")
+            wait_settled(work / "cache" / "meta.db")
             subprocess.run([*ck, "umount", str(mnt)], check=True, capture_output=True)
             subprocess.run([*ck, "mount", "--cache", str(work / "cache"), "--store", f"file://{work}/store",
                             str(mnt)], check=True, env=env, capture_output=True)
