@@ -160,6 +160,9 @@ class ChunkCache:
             raise NotFound(f"chunk {cid.hex()} is not in the local cache") from None
 
     def exists(self, cid: ChunkId) -> bool:
+        return self.has_file(cid) or (self._frames is not None and self._frames.get(cid) is not None)
+
+    def has_file(self, cid: ChunkId) -> bool:
         return self.path(cid).exists()
 
     def size(self, cid: ChunkId) -> int:

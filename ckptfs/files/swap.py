@@ -8,7 +8,7 @@ plain bytes and every reference to it stay; only the frame and the chunk row's c
 3. the chunk row names the new base and releases the old one (``ChunkIndex.finish_rebase``).
 
 A small new frame (``ChunkCache.is_small``) is written by step 3's transaction itself, and the old
-frame's file, if any, deleted after it.
+frame's file, if any, deleted once that transaction is durable.
 
 A crash between 1 and 3 is settled at start-up from whichever frame is on disk
 (``ChunkIndex.recover_rebases``). Readers that fetched the old frame just before the rename and then
@@ -38,7 +38,10 @@ async def swap_frame(chunks: ChunkIndex, workers: Workers, cid: ChunkId, frame: 
             chunks.collect(released)
             raise
     old = chunks.finish_rebase(cid, int(hdr.codec), len(frame), depth, frame if small else None)
-    if small:
-        chunks.cache.delete(cid)  # the old frame's file, if it had one (stale now)
     if old is not None:
         chunks.collect([old])
+    if small and chunks.cache.has_file(cid):
+        # The old frame's file is stale now, but it may go only once the row holding the new frame is
+        # durable: a power loss could undo that commit (``meta.Database.sync_wal``).
+        await workers.run_io(chunks.db.sync_wal)
+        chunks.cache.delete(cid)
