@@ -60,7 +60,7 @@ def check(
         return rep
     mode = "rw" if repair else "ro"
     conn = sqlite3.connect(f"file:{db_path}?mode={mode}", uri=True)
-    cache = ChunkCache(cache_dir, db_path=db_path) if repair else ChunkCache.read_only(cache_dir, db_path)
+    cache = ChunkCache(cache_dir, db_path=db_path, read_only=not repair)
     gone: list[ChunkId] = []
     try:
         # One snapshot of the metadata: a running daemon's commits do not show up half-way.

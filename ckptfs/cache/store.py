@@ -81,26 +81,21 @@ class ChunkCache:
     None: files only). Thread-safe (no shared mutable state)."""
 
     def __init__(
-        self, root: str | Path, min_free: int = 0, direct_io: bool = True, db_path: str | Path | None = None
+        self,
+        root: str | Path,
+        min_free: int = 0,
+        direct_io: bool = True,
+        db_path: str | Path | None = None,
+        read_only: bool = False,
     ) -> None:
         self.root = Path(root) / "chunks"
         self.min_free = min_free  # put() leaves at least this much free space for metadata
-        for i in range(256):
-            (self.root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
-        self._direct = direct_io and _supports_direct(self.root / "00")
+        if not read_only:  # read_only (``ckptfs fsck``): creates nothing, probes nothing
+            for i in range(256):
+                (self.root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        self._direct = not read_only and direct_io and _supports_direct(self.root / "00")
         self._aligned = _AlignedBuffer()
         self._frames = None if db_path is None else _FrameReader(Path(db_path))
-
-    @classmethod
-    def read_only(cls, root: str | Path, db_path: str | Path) -> ChunkCache:
-        """A cache for reading only (``ckptfs fsck``): creates nothing, probes nothing."""
-        cache = cls.__new__(cls)
-        cache.root = Path(root) / "chunks"
-        cache.min_free = 0
-        cache._direct = False
-        cache._aligned = _AlignedBuffer()
-        cache._frames = _FrameReader(Path(db_path))
-        return cache
 
     @staticmethod
     def is_small(frame: bytes) -> bool:
@@ -149,18 +144,18 @@ class ChunkCache:
     def get(self, cid: ChunkId) -> bytes:
         """Return the stored frame: the small one if there is one (a file left behind when a frame
         shrank is stale), else the file's. Raises ``NotFound`` if absent."""
-        if self._frames is not None:
-            small = self._frames.get(cid)
-            if small is not None:
-                return small
+        small = self.small(cid)
+        if small is not None:
+            return small
         try:
             with open(self.path(cid), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise NotFound(f"chunk {cid.hex()} is not in the local cache") from None
 
-    def exists(self, cid: ChunkId) -> bool:
-        return self.has_file(cid) or (self._frames is not None and self._frames.get(cid) is not None)
+    def small(self, cid: ChunkId) -> bytes | None:
+        """The chunk's small frame, if it has one (through this thread's connection)."""
+        return None if self._frames is None else self._frames.get(cid)
 
     def has_file(self, cid: ChunkId) -> bool:
         return self.path(cid).exists()

@@ -244,7 +244,7 @@ class ChunkIndex:
         if row is None:
             return []
         new_base = None if row[0] is None else ChunkId(bytes(row[0]))
-        if self.db.one("SELECT 1 FROM frames WHERE chunk=?", (cid,)) is not None:
+        if self.cache.small(cid) is not None:
             # A small new frame is written with the finishing transaction, so this rebase wrote none;
             # a file written meanwhile is stale (``get`` prefers the small frame): roll back.
             self.cache.delete(cid)

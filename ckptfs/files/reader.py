@@ -112,11 +112,11 @@ class ChunkReader:
         return data
 
     async def _frame(self, cid: ChunkId) -> bytes:
-        """The stored frame of ``cid``: a small one from the database right here (a thread round trip
-        would cost more), else the file's, read in a worker thread."""
-        row = self.db.one("SELECT frame FROM frames WHERE chunk=?", (cid,))
-        if row is not None:
-            return bytes(row[0])
+        """The stored frame of ``cid``: a small one from the database right here, through this thread's
+        read connection (a thread round trip would cost more), else the file's, read in a worker thread."""
+        small = self.cache.small(cid)
+        if small is not None:
+            return small
         return await self.workers.run_foreground(self.cache.get, cid)
 
     async def read(self, vid: VersionId, size_of_file: int, off: int, size: int, what: str) -> bytes:

@@ -8,12 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ckptfs.cache import ChunkCache
 from ckptfs.codec import chunk_id, encode, parse_header
 from ckptfs.errors import NotFound
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.reader import fetch_and_decode
-from ckptfs.meta import Database
 
 
 def _floats(seed: int, base: bytes | None = None) -> bytes:
@@ -21,14 +19,6 @@ def _floats(seed: int, base: bytes | None = None) -> bytes:
     if base is None:
         return (rng.standard_normal(1 << 15) * 0.02).astype(np.float32).tobytes()
     return (np.frombuffer(base, np.float32) + rng.standard_normal(1 << 15).astype(np.float32) * 1e-5).tobytes()
-
-
-@pytest.fixture
-def index(tmp_path):
-    db = Database(tmp_path / "meta.db")
-    chunks = ChunkIndex(db, ChunkCache(tmp_path, db_path=db.path))
-    yield chunks
-    db.conn.close()
 
 
 def _store(chunks: ChunkIndex, data: bytes, base: tuple[bytes, int] | None = None) -> bytes:

@@ -10,7 +10,6 @@ from collections import Counter
 import pytest
 import trio
 
-from ckptfs.cache import ChunkCache
 from ckptfs.codec import chunk_id, encode, parse_header
 from ckptfs.codec.frame import Codec, _pack
 from ckptfs.errors import NotFound
@@ -19,14 +18,6 @@ from ckptfs.files.reader import fetch_and_decode
 from ckptfs.files.swap import swap_frame
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
-
-
-@pytest.fixture
-def index(tmp_path):
-    db = Database(tmp_path / "meta.db")
-    chunks = ChunkIndex(db, ChunkCache(tmp_path, db_path=db.path))
-    yield chunks
-    db.conn.close()
 
 
 def _text(n: int, seed: int) -> bytes:
