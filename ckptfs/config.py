@@ -38,6 +38,7 @@ class CacheConfig:
     reserve_mb: int = 64  # writes fail with ENOSPC when less than this is free on the cache disk
     decoded_cache_mb: int = 64  # in-memory cache of decoded chunks for reads
     direct_io: bool = True  # write chunk files with O_DIRECT where the file system supports it
+    durable_after_s: float = 2.0  # a closed file ingest has not committed by then gets an fsync of its own
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +28,22 @@ from ckptfs.backend import open_store
 from ckptfs.cache import ChunkCache
 from ckptfs.config import Config, MiB
 from ckptfs.errors import BackendError, UserError
-from ckptfs.files import ChunkIndex, ChunkReader, FileContents, Ingester, StagingArea, Workers
+from ckptfs.files import (
+    Active,
+    ChunkIndex,
+    ChunkReader,
+    DurableMarker,
+    FileContents,
+    Ingester,
+    Reclaimer,
+    StagingArea,
+    Workers,
+)
 from ckptfs.files.ingest import IngestSettings
+from ckptfs.fsutil import fsync_dir
 from ckptfs.fuse import Operations
-from ckptfs.meta import Database
+from ckptfs.health import Health, guarded
+from ckptfs.meta import Database, Versions
 from ckptfs.namespace import Tree
 from ckptfs.types import InodeId, VersionId
 
@@ -65,24 +78,48 @@ def preflight(cfg: Config, mountpoint: str) -> None:
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise UserError("fusermount3 is not installed (apt-get install fuse3)")
     cache = Path(cfg.cache.dir)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache, prefix=".probe"):
-            pass
-    except OSError as exc:
-        raise UserError(f"cache directory {cache} is not writable: {exc.strerror or exc}") from None
     if cache.resolve() == mp.resolve() or mp.resolve() in cache.resolve().parents:
         raise UserError("the cache directory must not be inside the mountpoint")
+    prepare_cache_dir(cache)
     try:
         open_store(cfg.store.url).check()
     except BackendError as exc:
         raise UserError(f"store: {exc}") from None
 
 
+def prepare_cache_dir(cache: Path) -> None:
+    """Create the cache directory 0700 (its new parents too, each made durable in its own parent), or
+    check an existing one: it holds file contents, so other users may not write it — and read it they
+    no longer can. Raises ``UserError`` with one line."""
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"cache directory {cache} exists and is not a directory")
+    missing: list[Path] = []
+    p = cache
+    try:
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir(mode=0o700)
+            fsync_dir(d.parent)  # a power cut must not lose the directory with everything in it
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=".probe"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cache directory {cache} is not writable: {exc.strerror or exc}") from None
+    mode = stat.S_IMODE(cache.stat().st_mode)
+    if mode & 0o022:
+        raise UserError(
+            f"cache directory {cache} is group- or world-writable (mode {mode:o}); it holds file contents:"
+            f" chmod 700 {cache}"
+        )
+    if mode & 0o077:
+        os.chmod(cache, 0o700)  # readable by others (an older ckptfs, a umask): contents stay private now
+
+
 def lock_cache(cache_dir: str) -> int:
     """Take the cache directory's lock for this process. Raises ``UserError`` if another daemon has it."""
     path = Path(cache_dir) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -116,12 +153,26 @@ def _sd_notify(message: str) -> None:
             log.warning("sd_notify failed: %s", exc)
 
 
+def boot_id() -> str:
+    """This boot of the machine. ``CKPTFS_BOOT_ID`` overrides it: the power-cut tests use it to say
+    "the machine restarted" without restarting it."""
+    override = os.environ.get("CKPTFS_BOOT_ID")
+    if override:
+        return override
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""  # unknown: every start is treated as after a reboot (the safe side)
+
+
 class _Components:
     """Every long-lived object of one mount, built in dependency order (bottom-up)."""
 
     def __init__(self, cfg: Config) -> None:
         cache_dir = cfg.cache.dir
+        self.health = Health(cache_dir)
         self.db = Database(Path(cache_dir) / DB_NAME)
+        self.versions = Versions(self.db)
         # Ingest stops at half the reserve, so namespace operations (unlink to free space!) still fit.
         self.cache = ChunkCache(
             cache_dir,
@@ -134,6 +185,18 @@ class _Components:
         self.chunks = ChunkIndex(self.db, self.cache)
         self.reader = ChunkReader(self.db, self.cache, self.workers, cfg.cache.decoded_cache_mb * MiB)
         self.staging = StagingArea(cache_dir)
+        healthy = self._healthy
+        self.reclaimer = Reclaimer(self.db, self.chunks, self.staging, self.workers, healthy)
+        self.marker = DurableMarker(
+            self.db,
+            self.versions,
+            self.chunks,
+            self.staging,
+            self.reclaimer,
+            self.workers,
+            cfg.cache.durable_after_s,
+            healthy,
+        )
         settings = IngestSettings(
             piece_size=cfg.ingest.piece_mb * MiB,
             cdc_avg=cfg.ingest.cdc_avg_kb * 1024,
@@ -151,14 +214,19 @@ class _Components:
             self.chunks,
             self.reader,
             self.workers,
+            self.marker,
+            self.reclaimer,
             cfg.cache.reserve_mb * MiB,
             self._sealed,
         )
-        self.ingester = Ingester(self.contents, self.chunks, self.workers, settings)
+        self.ingester = Ingester(self.contents, self.chunks, self.workers, settings, self.health)
         self.tree = Tree(self.db, self.contents)
 
     def _sealed(self, inode: InodeId, vid: VersionId) -> None:
         self.ingester.submit(inode, vid)
+
+    def _healthy(self) -> bool:
+        return not self.health.failsafe
 
 
 async def _watch_signals() -> None:
@@ -169,29 +237,84 @@ async def _watch_signals() -> None:
             return
 
 
-async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[str | None], None]) -> None:
-    recovered = c.contents.recover()
+def _recover(c: _Components) -> list[Active]:
+    """Before serving: settle what a crash or a power cut left. Returns the staged versions to ingest.
+
+    Every change is made durable before any file it stops referring to is deleted, and the boot id is
+    recorded only then: a crash during recovery after a power cut must not be mistaken next time for a
+    crash of the daemon alone, which trusts staging files as they are."""
+    c.db.checkpoint()  # what a killed daemon committed may still be in the page cache only
+    boot = boot_id()
+    same_boot = bool(boot) and c.db.get_meta("boot_id") == boot
+    recovered, lost, doomed = c.contents.recover(same_boot)
+    for line in c.tree.rescue(lost):
+        log.warning("recovery: %s (it had no durable version when the power went)", line)
     purged = c.tree.purge_orphans()
     c.chunks.recover_rebases()
     collected = c.chunks.collect()
-    if recovered or purged or collected:
+    c.db.checkpoint()
+    for name in doomed:
+        c.staging.remove(name)
+    for cid in c.chunks.doomed:
+        c.cache.delete(cid)
+    c.chunks.doomed.clear()
+    c.db.set_meta("boot_id", boot)
+    if recovered or purged or collected or lost:
         log.info(
-            "recovery: %d staged versions re-queued, %d orphan inodes purged, %d chunks collected",
-            len(recovered),
-            purged,
-            collected,
+            "recovery (%s): %s staged, %s purged, %s collected, %s moved to lost+found",
+            "daemon restart" if same_boot else "after a reboot",
+            plural(len(recovered), "version"),
+            plural(purged, "orphan inode"),
+            plural(collected, "chunk"),
+            plural(len(lost), "file"),
         )
+    return recovered
+
+
+def plural(n: int, word: str) -> str:
+    """'1 file', '2 files'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+async def _mark_staged(c: _Components) -> None:
+    """At a clean stop: give every version still staged its durable mark, so a reboot keeps it."""
+    for act in list(c.contents.active.values()):
+        if not act.durable and not act.gone:
+            try:
+                await c.marker.mark(act, foreground=True)
+            except OSError as exc:
+                log.error("cannot make staged version %d durable at shutdown: %s", act.version, exc)
+
+
+async def _remind(health: Health) -> None:
+    """While in failsafe mode, say so once a minute."""
+    while True:
+        await trio.sleep(60)
+        if health.failsafe:
+            log.error("%s; unmount, fix the cause, mount again", health.describe())
+
+
+async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[str | None], None]) -> None:
+    previous = c.health.clear_marker()
+    if previous:
+        log.warning("the previous run of this cache ended in failsafe mode (%s); resuming normally", previous)
+    recovered = _recover(c)
     options = set(pyfuse3.default_options)
     options |= {f"fsname=ckptfs:{cfg.cache.dir}", "subtype=ckptfs"}
     if cfg.mount.allow_other and os.geteuid() == 0:
         options.add("allow_other")
-    pyfuse3.init(Operations(c.tree, cfg.cache.dir), mountpoint, options)
+    pyfuse3.init(Operations(c.tree, cfg.cache.dir, c.health), mountpoint, options)
     clean = False
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(c.ingester.run)
+            nursery.start_soon(guarded, c.health, "deleting released files", c.reclaimer.run)
+            nursery.start_soon(guarded, c.health, "the durable marker", c.marker.run)
+            nursery.start_soon(_remind, c.health)
             for act in recovered:
                 c.ingester.submit(act.inode, act.version)
+                if not act.durable:
+                    c.marker.schedule(act)
             nursery.start_soon(_watch_signals)
             log.info("mounted %s (cache %s, store %s)", mountpoint, cfg.cache.dir, cfg.store.url)
             ready(None)
@@ -200,11 +323,16 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
             clean = True
             _sd_notify("STOPPING=1")
             pyfuse3.close(unmount=True)
-            log.info("unmounted %s; draining %d staged versions", mountpoint, c.ingester.pending)
-            with trio.move_on_after(cfg.mount.drain_seconds):
-                await c.ingester.wait_idle()
-            if c.ingester.pending:
-                log.info("%d versions stay staged; they are ingested at the next mount", c.ingester.pending)
+            if c.health.failsafe:
+                log.error("unmounted %s in failsafe mode (%s); nothing drained", mountpoint, c.health.reason)
+            else:
+                log.info("unmounted %s; draining %s", mountpoint, plural(c.ingester.pending, "staged version"))
+                with trio.move_on_after(cfg.mount.drain_seconds):
+                    await c.ingester.wait_idle()
+                if c.ingester.pending:
+                    log.info("%s stay staged; ingested at the next mount", plural(c.ingester.pending, "version"))
+                await _mark_staged(c)
+                await c.reclaimer.wait_idle(timeout=30)
             nursery.cancel_scope.cancel()
     finally:
         if not clean:
@@ -214,6 +342,7 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
 
 def run(cfg: Config, mountpoint: str, ready: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted. ``ready(None)`` once mounted, ``ready(message)`` on a pre-flight error."""
+    os.umask(0o077)  # every file the daemon creates in the cache (and its log) is private
     try:
         preflight(cfg, mountpoint)
         lock_fd = lock_cache(cfg.cache.dir)
@@ -227,8 +356,10 @@ def run(cfg: Config, mountpoint: str, ready: Callable[[str | None], None]) -> in
         try:
             trio.run(_serve, cfg, mountpoint, c, ready)
         finally:
-            c.db.checkpoint()
-            c.db.close()
+            try:
+                c.db.checkpoint()
+            finally:
+                c.db.close()
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt | SystemExit):
             log.critical("daemon failed: %r", exc, exc_info=True)
@@ -237,5 +368,8 @@ def run(cfg: Config, mountpoint: str, ready: Callable[[str | None], None]) -> in
     finally:
         pid_path.unlink(missing_ok=True)
         os.close(lock_fd)
+    if c.health.failsafe:
+        log.error("daemon exited after failsafe mode: %s", c.health.reason)
+        return 3
     log.info("daemon exited cleanly")
     return 0

@@ -23,6 +23,16 @@ class CorruptChunk(CkptfsError):
     """A stored chunk failed its checksum or does not hash to its id (EIO)."""
 
 
+class ChunkMissing(CorruptChunk):
+    """A chunk the metadata names has no frame in the cache (EIO, like any unreadable chunk: a resume loop
+    must never read a lost chunk as "no checkpoint here", which ENOENT would say)."""
+
+
+class FileChanged(CkptfsError):
+    """A staging file shrank while it was being read (a concurrent truncate); the reader gives up and the
+    version's next seal queues it again."""
+
+
 class CacheFull(CkptfsError):
     """The cache disk has no room left for new data (ENOSPC)."""
 
@@ -41,6 +51,14 @@ class PermanentBackendError(BackendError):
 
 class ObjectNotFound(BackendError):
     """The object store has no object under that key."""
+
+
+class MetadataUnwritable(CkptfsError):
+    """The metadata database (or its WAL) cannot be made durable: the daemon cannot go on (failsafe)."""
+
+
+class Failsafe(CkptfsError):
+    """The daemon is in failsafe mode (``health``): the request needs writing, which is refused (EIO)."""
 
 
 class PosixError(CkptfsError):

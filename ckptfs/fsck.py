@@ -9,8 +9,11 @@ Crash windows and what repairs them (see also files/ingest.py):
 | after a frame swap made a file's frame small       | stale chunk file (frame in the db)   | ``--repair``       |
 | after chunk row, before the version commit         | chunk row with refcount 0            | mount collects    |
 | after an unlink while the file was open            | inode with nlink 0                   | mount purges      |
+| power cut before a version's durable point         | staged, no valid mark                | mount: go back *  |
 | during a frame swap (repack, compaction)           | ``rebase_intents`` row               | mount settles it  |
 | chunk file changed on disk (bit rot, tampering)    | frame fails checksum or id           | reported; reads EIO |
+
+* to the file's previous durable version, or (none) into ``/lost+found``, reported here.
 
 Runs with the daemon stopped when repairing (it takes the cache lock); a read-only check may run
 while it is mounted.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import parse_header
-from ckptfs.errors import CorruptChunk, NotFound
+from ckptfs.errors import ChunkMissing, CorruptChunk
 from ckptfs.files.reader import fetch_and_decode
 from ckptfs.types import ChunkId
 
@@ -108,6 +111,13 @@ def _check_namespace(conn: sqlite3.Connection, rep: Report) -> None:
             rep.problems.append(f"inode {ino} is unreachable")
         if nlink == 0:
             rep.warnings.append(f"inode {ino} is unlinked; the next mount purges it")
+    lost = conn.execute("SELECT inode FROM dirents WHERE parent=1 AND name=?", (b"lost+found",)).fetchone()
+    if lost is not None:
+        for (name,) in conn.execute("SELECT name FROM dirents WHERE parent=?", (lost[0],)):
+            rep.warnings.append(
+                f"lost+found/{bytes(name).decode(errors='replace')}: a file that had no durable version when the"
+                " power went (not a valid checkpoint; look at it, then delete it)"
+            )
 
 
 def _check_versions(conn: sqlite3.Connection, cache_dir: str | Path, rep: Report) -> None:
@@ -173,7 +183,7 @@ def _check_chunks(
                 raise CorruptChunk(f"header says {hdr.raw_len} bytes, metadata {raw_len}")
             if verify:
                 fetch_and_decode(cache, cid)
-        except NotFound:
+        except ChunkMissing:
             gone.append(cid)  # or a base it decodes through; decided after the snapshot
         except CorruptChunk as exc:
             rep.problems.append(f"chunk {cid.hex()}: corrupt ({exc})")

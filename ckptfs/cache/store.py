@@ -40,7 +40,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ckptfs.errors import CacheFull, NotFound
+from ckptfs.errors import CacheFull, ChunkMissing
+from ckptfs.fsutil import fsync_dir
 from ckptfs.types import ChunkId
 
 _ALIGN = 4096
@@ -91,8 +92,12 @@ class ChunkCache:
         self.root = Path(root) / "chunks"
         self.min_free = min_free  # put() leaves at least this much free space for metadata
         if not read_only:  # read_only (``ckptfs fsck``): creates nothing, probes nothing
+            made = not self.root.is_dir()
             for i in range(256):
-                (self.root / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+                (self.root / f"{i:02x}").mkdir(mode=0o700, parents=True, exist_ok=True)
+            if made:  # else a power cut could lose the folders, and with them chunks whose files were synced
+                for folder in (self.root, self.root.parent):
+                    fsync_dir(folder)
         self._direct = not read_only and direct_io and _supports_direct(self.root / "00")
         self._aligned = _AlignedBuffer()
         self._frames = None if db_path is None else _FrameReader(Path(db_path))
@@ -143,7 +148,7 @@ class ChunkCache:
 
     def get(self, cid: ChunkId) -> bytes:
         """Return the stored frame: the small one if there is one (a file left behind when a frame
-        shrank is stale), else the file's. Raises ``NotFound`` if absent."""
+        shrank is stale), else the file's. Raises ``ChunkMissing`` if absent."""
         small = self.small(cid)
         if small is not None:
             return small
@@ -151,7 +156,7 @@ class ChunkCache:
             with open(self.path(cid), "rb") as f:
                 return f.read()
         except FileNotFoundError:
-            raise NotFound(f"chunk {cid.hex()} is not in the local cache") from None
+            raise ChunkMissing(f"chunk {cid.hex()} is missing from the local cache") from None
 
     def small(self, cid: ChunkId) -> bytes | None:
         """The chunk's small frame, if it has one (through this thread's connection)."""
@@ -170,11 +175,7 @@ class ChunkCache:
     def sync_dirs(self, cids: Iterable[ChunkId]) -> None:
         """fsync the directories holding ``cids`` so their renames are durable."""
         for sub in sorted({cid.hex()[:2] for cid in cids}):
-            fd = os.open(self.root / sub, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.root / sub)
 
     def sweep_tmp(self) -> int:
         """Remove leftover ``*.tmp`` files of interrupted puts; returns how many."""

@@ -17,8 +17,9 @@ from typing import TypeVar
 
 from ckptfs import __version__, config, daemon, fsck, stats
 from ckptfs import log as logsetup
-from ckptfs.cli.mounts import mount_of
+from ckptfs.cli.mounts import ckptfs_mounts, mount_of
 from ckptfs.errors import UserError
+from ckptfs.health import MARKER_NAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,7 +146,25 @@ def _query(args: argparse.Namespace, fn: Callable[[sqlite3.Connection, str], T])
         conn.close()
 
 
+def _health_note(cache_dir: str) -> str | None:
+    """What the daemon of ``cache_dir`` says about failsafe mode, or its last run's marker; None if fine."""
+    for m in ckptfs_mounts():
+        if os.path.realpath(m.cache_dir) == os.path.realpath(cache_dir):
+            try:
+                return f"the daemon is in {os.getxattr(m.mountpoint, 'user.ckptfs.failsafe').decode()}"
+            except OSError:
+                return None
+    try:
+        marker = (Path(cache_dir) / MARKER_NAME).read_text().strip()
+    except OSError:
+        return None
+    return f"the last run of this cache ended in failsafe mode ({marker})"
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
+    note = _health_note(_cache_for(args)[0])
+    if note:
+        print(f"ckptfs: WARNING: {note}", file=sys.stderr)
     total, per_dir = _query(args, stats.usage)
     if args.json:
         print(json.dumps({"total": total.as_dict(), "dirs": {k: v.as_dict() for k, v in sorted(per_dir.items())}}))
@@ -195,6 +214,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
+    note = _health_note(cache_dir)
+    if note:
+        rep.warnings.insert(0, note)
     for line in rep.repaired:
         print(f"repaired: {line}")
     for line in rep.warnings:

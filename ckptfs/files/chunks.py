@@ -9,7 +9,8 @@ Trio thread only. Invariants:
   delta, whatever happens to the file it came from (``files.repack`` re-encodes deltas whose bases
   nothing else needs);
 * a chunk is deleted only when its refcount is 0 and no ingest job has it pinned; deletion removes the
-  row and the file with no checkpoint in between, then releases the chunk's own base (cascading).
+  row (and a small frame with it), releases the chunk's own base (cascading) and queues the frame file
+  for ``files.reclaim``, which deletes it once that is durable.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import trio
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import parse_header
-from ckptfs.errors import CorruptChunk, NotFound
+from ckptfs.errors import CorruptChunk
 from ckptfs.meta import Database
 from ckptfs.types import ChunkId, VersionId
 
@@ -51,6 +52,9 @@ class ChunkIndex:
         self.released: set[ChunkId] = set()
         # chunk files whose directory entry no ingest has fsynced yet (``files.ingest`` step 4)
         self.unsynced: set[ChunkId] = set()
+        # collected chunks whose frame files ``files.reclaim`` deletes once the collection is durable
+        self.doomed: set[ChunkId] = set()
+        self.on_doomed: Callable[[], None] = lambda: None
 
     def has(self, cid: ChunkId) -> bool:
         return self.db.one("SELECT 1 FROM chunks WHERE id=?", (cid,)) is not None
@@ -107,18 +111,6 @@ class ChunkIndex:
                 c.execute("INSERT OR REPLACE INTO frames (chunk, frame) VALUES (?,?)", (cid, small_frame))
             if cur.rowcount and base is not None:
                 c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (base,))
-
-    @staticmethod
-    def add_refs(conn: sqlite3.Connection, counts: Counter[ChunkId]) -> None:
-        conn.executemany("UPDATE chunks SET refcount = refcount + ? WHERE id=?", [(n, c) for c, n in counts.items()])
-
-    @staticmethod
-    def drop_version_refs(conn: sqlite3.Connection, version: int) -> list[ChunkId]:
-        """Delete a version's extents and decrement its chunks; return the chunks touched."""
-        rows = conn.execute("SELECT chunk, count(*) FROM extents WHERE version=? GROUP BY chunk", (version,)).fetchall()
-        conn.executemany("UPDATE chunks SET refcount = refcount - ? WHERE id=?", [(n, c) for c, n in rows])
-        conn.execute("DELETE FROM extents WHERE version=?", (version,))
-        return [ChunkId(c) for c, _ in rows]
 
     # -- delta-base slots ---------------------------------------------------------------------------
 
@@ -254,7 +246,7 @@ class ChunkIndex:
                 frame = self.cache.get(cid)
                 hdr = parse_header(frame)
                 written = hdr.base == new_base
-            except (NotFound, CorruptChunk):
+            except CorruptChunk:  # ChunkMissing included
                 written = False
         if written:
             base_depth = None if new_base is None else self.depth(new_base)
@@ -319,11 +311,12 @@ class ChunkIndex:
                 c.execute("DELETE FROM compact_queue WHERE chunk=?", (cid,))
                 if row[1] is not None:
                     c.execute("UPDATE chunks SET refcount = refcount - 1 WHERE id=?", (row[1],))
-            self.cache.delete(cid)
+            self.doomed.add(cid)
             self.unsynced.discard(cid)
             if row[1] is not None:
                 todo.append(ChunkId(row[1]))
             n += 1
         if n:
             log.debug("collected %d unreferenced chunks", n)
+            self.on_doomed()
         return n

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import trio
 
+from ckptfs import failpoints
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import Codec, decode, encode_pco, parse_header
 from ckptfs.codec.numeric import WIDTHS
-from ckptfs.errors import CacheFull, CorruptChunk, NotFound
+from ckptfs.errors import CacheFull, CorruptChunk
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.gate import Gate
 from ckptfs.files.reader import fetch_and_decode
@@ -99,8 +100,9 @@ class Compactor:
                         continue
                     try:
                         async with self.gate.exclusive():
+                            failpoints.hit("compact")
                             await self._compact(cid)
-                    except (CacheFull, OSError, CorruptChunk, NotFound) as exc:
+                    except (CacheFull, OSError, CorruptChunk) as exc:
                         log.warning("compaction of chunk %s skipped: %s", cid.hex(), exc)
                     self.chunks.compaction_done(cid)
 

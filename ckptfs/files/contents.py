@@ -1,15 +1,20 @@
-"""File contents: which version an inode shows, staged writes, sealing, and reads.
+"""File contents: which version an inode shows, staged writes, sealing, durability, reads, recovery.
 
 Trio thread only. Await points and what holds across them are stated per method. The rules:
 
 * An inode's content is either its *staged* version (an ``Active`` entry: a staging file that is
   the content) or its committed version (extents in SQLite), or nothing (empty file).
 * Writes go to the staging file with ``pwrite`` inline: page-cache writes are fast and doing them
-  without a checkpoint keeps the ordering of FUSE writes trivially correct.
+  without a checkpoint keeps the ordering of FUSE writes trivially correct. They wait only while a
+  foreground ``fsync`` of the same file hashes it.
 * A version is *sealed* when its last writer releases it; sealed versions are handed to the
-  ingester. Every modification bumps ``gen``, and an ingest commits only if ``gen`` is unchanged
-  and nobody has the file open for writing; otherwise it discards its result, and the next
-  release hands the version to the ingester again.
+  ingester and to the durable marker. Every modification bumps ``gen``, and an ingest commits only
+  if ``gen`` is unchanged and nobody has the file open for writing; otherwise it discards its result,
+  and the next release hands the version to the ingester again.
+* A new version never replaces the previous durable one in the metadata until it is durable itself
+  (``meta.versions``): after a power cut the path goes back to it. So opening a file whose staged
+  version already has a durable mark copies it into a new staged version rather than writing into
+  the marked bytes.
 * Thread work on a staging file always uses its own ``dup()`` of the fd, so closing an ``Active``
   can never hand a recycled fd to a running thread.
 """
@@ -23,35 +28,26 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
+import xxhash
 
 from ckptfs.cache import ChunkCache
-from ckptfs.errors import CacheFull
+from ckptfs.errors import CacheFull, FileChanged, MetadataUnwritable
 from ckptfs.files.chunks import ChunkIndex
+from ckptfs.files.durable import Active, DurableMarker, hash_prefix
 from ckptfs.files.reader import ChunkReader, fetch_and_decode
+from ckptfs.files.reclaim import Reclaimer
 from ckptfs.files.staging import StagingArea
 from ckptfs.files.workers import Workers
-from ckptfs.meta import Database
+from ckptfs.meta import Database, VersionRow
 from ckptfs.types import ChunkId, InodeId, VersionId, VersionState
 
 log = logging.getLogger(__name__)
 _SPACE_CHECK_BYTES = 8 * 1024 * 1024
+_EMPTY_HASH = xxhash.xxh3_128_digest(b"")
 
-
-@dataclass(slots=True)
-class Active:
-    """A staged version held open by the daemon."""
-
-    version: VersionId
-    inode: InodeId
-    fd: int
-    staging: str
-    size: int
-    writers: int = 0
-    gen: int = 0
-    dirty: bool = False  # written since the last seal
+__all__ = ["Active", "FileContents"]
 
 
 def _materialize(cache: ChunkCache, fd: int, extents: list[tuple[int, int, bytes]], upto: int) -> None:
@@ -67,11 +63,26 @@ def _materialize(cache: ChunkCache, fd: int, extents: list[tuple[int, int, bytes
         os.close(fd)
 
 
-def _fsync_fd(fd: int) -> None:
+def _copy_prefix(src: int, dst: int, upto: int) -> None:
+    """Worker thread: copy the first ``upto`` bytes of staging fd ``src`` into ``dst`` (in the kernel where
+    it can). Closes both."""
     try:
-        os.fsync(fd)
+        pos = 0
+        while pos < upto:
+            try:
+                n = os.copy_file_range(src, dst, upto - pos, pos, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                block = os.pread(src, min(upto - pos, 4 << 20), pos)
+                n = os.pwrite(dst, block, pos) if block else 0
+            if n <= 0:
+                raise FileChanged(f"staging file ended at {pos} of {upto} bytes while copied")
+            pos += n
+        os.ftruncate(dst, upto)
     finally:
-        os.close(fd)
+        os.close(src)
+        os.close(dst)
 
 
 class FileContents:
@@ -82,17 +93,23 @@ class FileContents:
         chunks: ChunkIndex,
         reader: ChunkReader,
         workers: Workers,
+        marker: DurableMarker,
+        reclaimer: Reclaimer,
         reserve_bytes: int,
         on_sealed: Callable[[InodeId, VersionId], None],
     ) -> None:
         self.db = db
+        self.versions = marker.versions
         self.staging = staging
         self.chunks = chunks
         self.reader = reader
         self.workers = workers
+        self.marker = marker
+        self.reclaimer = reclaimer
         self.reserve_bytes = reserve_bytes
         self.on_sealed = on_sealed
         self.active: dict[InodeId, Active] = {}
+        self._syncing: set[InodeId] = set()  # committed, WAL not synced yet: still reported 'staged'
         self._locks: dict[InodeId, trio.Lock] = {}
         self._since_space_check = _SPACE_CHECK_BYTES
         self._space_low = True
@@ -107,10 +124,10 @@ class FileContents:
         return None if act is None else act.size
 
     def state(self, inode: InodeId) -> VersionState | None:
-        if inode in self.active:
+        """``staged`` until the version's ``local`` commit is durable, then ``local``."""
+        if inode in self.active or inode in self._syncing:
             return VersionState.STAGED
-        row = self.db.one("SELECT v.state FROM inodes i JOIN versions v ON v.id = i.version WHERE i.id=?", (inode,))
-        return None if row is None else VersionState(str(row[0]))
+        return self.versions.current(inode)[2]
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -120,56 +137,55 @@ class FileContents:
             lock = self._locks[inode] = trio.Lock()
         return lock
 
+    def _release_lock(self, inode: InodeId) -> None:
+        lock = self._locks.get(inode)
+        if lock is not None and not lock.locked():
+            del self._locks[inode]
+
     async def open_write(self, inode: InodeId, keep: int | None) -> Active:
         """Make sure ``inode`` has a staged version and count one writer on it.
 
-        ``keep``: how many bytes of the current content to keep (None = all, 0 for O_TRUNC).
-        Checkpoints while copying committed content into the new staging file (under a per-inode
-        lock; the new version is not visible until that copy is complete).
+        ``keep``: how many bytes of the current content to keep (None = all, 0 for O_TRUNC). Checkpoints
+        while copying the current content into a new staging file (under a per-inode lock; the new
+        version is not visible until that copy is complete). The previous version stays in the metadata
+        as the fallback a power cut returns to, until the new one is durable.
         """
         async with self._lock(inode):
             act = self.active.get(inode)
-            if act is not None:
-                act.writers += 1
+            while act is not None and act.fsyncing is not None:
+                await act.fsyncing.wait()
+                act = self.active.get(inode)
+            if act is not None and (act.writers > 0 or act.marked_gen is None):
+                act.writers += 1  # not durable yet: nothing to protect, write in place
                 if keep is not None and keep < act.size:
                     self._truncate_active(act, keep)
                 return act
-            row = self.db.one(
-                "SELECT i.version, i.size, v.state FROM inodes i LEFT JOIN versions v ON v.id=i.version WHERE i.id=?",
-                (inode,),
-            )
-            assert row is not None, f"inode {inode} vanished"
-            old_vid, old_size = row[0], int(row[1])
-            upto = old_size if keep is None else min(keep, old_size)
+            old_vid, old_size, _ = self.versions.current(inode)
+            source_size = old_size if act is None else act.size
+            upto = source_size if keep is None else min(keep, source_size)
             self._check_space(upto)
-            now = time.time_ns()
-            with self.db.transaction() as c:  # atomic: no await until commit
-                vid = VersionId(
-                    c.execute(
-                        "INSERT INTO versions (inode, state, size, staging, created_ns) VALUES (?,?,?,?,?)",
-                        (inode, VersionState.STAGED.value, upto, "", now),
-                    ).lastrowid
-                    or 0
-                )
-                name = self.staging.name(vid)
-                c.execute("UPDATE versions SET staging=? WHERE id=?", (name, vid))
+            vid = self.versions.create_staged(inode, upto, time.time_ns(), self.staging.name)
             fd = self.staging.create(vid)
-            act = Active(vid, inode, fd, name, upto, writers=1, dirty=True)
-            if old_vid is not None and upto > 0:
-                ext = self.db.execute(
-                    "SELECT offset, length, chunk FROM extents WHERE version=? ORDER BY offset", (old_vid,)
-                ).fetchall()
-                try:
+            new = Active(vid, inode, fd, self.staging.name(vid), upto, writers=1, dirty=True)
+            try:
+                if upto > 0 and act is not None:
+                    await self.workers.run_foreground(_copy_prefix, os.dup(act.fd), os.dup(fd), upto)
+                elif upto > 0 and old_vid is not None:
+                    ext = self.versions.extents(old_vid)
                     await self.workers.run_foreground(_materialize, self.chunks.cache, os.dup(fd), ext, upto)
-                except BaseException:
-                    os.close(fd)
-                    self.staging.remove(name)
-                    self.db.execute("DELETE FROM versions WHERE id=?", (vid,))
-                    raise
+            except BaseException:
+                os.close(fd)
+                self.staging.remove(new.staging)  # nothing names it durably: a power cut finds no mark
+                self.versions.discard(vid)
+                raise
+            previous = self.active.get(inode)
+            if previous is not None:  # the marked version (or whatever replaced it meanwhile) is a fallback now
+                previous.gone = True
+                os.close(previous.fd)
             # atomic: the new version becomes the inode's content in one step
-            self.db.execute("UPDATE inodes SET version=?, size=? WHERE id=?", (vid, upto, inode))
-            self.active[inode] = act
-            return act
+            self.versions.make_current(inode, vid, upto)
+            self.active[inode] = new
+            return new
 
     def _check_space(self, incoming: int) -> None:
         """Refuse data that would eat into the reserve kept for metadata and ingest (checked on every
@@ -180,8 +196,11 @@ class FileContents:
         if free < self.reserve_bytes + incoming:
             raise CacheFull("cache disk is full")
 
-    def write(self, act: Active, off: int, data: bytes) -> int:
-        """Write into the staging file. No checkpoint. Raises ``CacheFull`` or ``OSError``."""
+    async def write(self, act: Active, off: int, data: bytes) -> int:
+        """Write into the staging file. Checkpoints only while an fsync of the file is hashing it.
+        Raises ``CacheFull`` or ``OSError``."""
+        while act.fsyncing is not None:
+            await act.fsyncing.wait()
         self._since_space_check += len(data)
         if self._since_space_check >= _SPACE_CHECK_BYTES or self._space_low:
             self._since_space_check = 0
@@ -228,23 +247,35 @@ class FileContents:
                 self.on_sealed(act.inode, act.version)
 
     def seal(self, act: Active) -> None:
-        """Persist the staged version's size and hand it to the ingester. No checkpoint."""
+        """Persist the staged version's size and hand it to the ingester and the durable marker. An empty
+        version is durable at once: there are no bytes to lose. No checkpoint."""
         act.dirty = False
-        with self.db.transaction() as c:  # atomic: no await until commit
-            c.execute("UPDATE versions SET size=? WHERE id=?", (act.size, act.version))
-            c.execute("UPDATE inodes SET size=? WHERE id=?", (act.size, act.inode))
+        act.sealed_at = time.monotonic()
+        if act.size == 0:
+            self.marker.record(act, _EMPTY_HASH)
+        else:
+            self.versions.record_size(act.inode, act.version, act.size)
+            self.marker.schedule(act)
         self.on_sealed(act.inode, act.version)
 
     async def fsync(self, inode: InodeId) -> None:
-        """Make the staged bytes and the metadata naming them durable on the cache disk."""
+        """Make the file's current content durable on the cache disk: a durable mark for a staged version
+        (writes to the file wait meanwhile), the WAL for a committed one. Raises ``OSError``."""
         act = self.active.get(inode)
-        if act is not None:
-            with self.db.transaction() as c:
-                c.execute("UPDATE versions SET size=? WHERE id=?", (act.size, act.version))
-                c.execute("UPDATE inodes SET size=? WHERE id=?", (act.size, act.inode))
-            await self.workers.run_foreground(_fsync_fd, os.dup(act.fd))
-            await self.workers.run_foreground(self.staging.sync_dir)
-        self.db.checkpoint()
+        while act is not None and not act.durable:
+            if act.fsyncing is not None:
+                await act.fsyncing.wait()
+                act = self.active.get(inode)
+                continue
+            act.fsyncing = event = trio.Event()
+            try:
+                if await self.marker.mark(act, foreground=True) or act.gone:
+                    break
+            finally:
+                act.fsyncing = None
+                event.set()
+        if act is None or act.gone:
+            await self.workers.run_foreground(self.db.sync_wal)  # committed: make that commit durable
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -255,10 +286,10 @@ class FileContents:
             if off >= act.size:
                 return b""
             return os.pread(act.fd, min(size, act.size - off), off)
-        row = self.db.one("SELECT version, size FROM inodes WHERE id=?", (inode,))
-        if row is None or row[0] is None:
+        vid, fsize, _ = self.versions.current(inode)
+        if vid is None:
             return b""
-        return await self.reader.read(VersionId(int(row[0])), int(row[1]), off, size, what)
+        return await self.reader.read(vid, fsize, off, size, what)
 
     # -- ingest hand-off -----------------------------------------------------------------------
 
@@ -277,68 +308,120 @@ class FileContents:
         act = self.active.get(inode)
         return act is not None and act.version == vid and act.gen == gen and act.writers == 0
 
-    def finish_ingest(self, inode: InodeId) -> str:
-        """The version was committed: forget its staging file, and return its name. The caller deletes
-        it once the commit is durable (``Database.sync_wal``): until then, a power loss could undo the
-        commit and leave the version staged. No checkpoint."""
+    async def committed(self, inode: InodeId, dropped_staging: list[str]) -> None:
+        """The ingester committed the inode's staged version as ``local`` (dropping its fallbacks, whose
+        staging files are ``dropped_staging``). Forgets the staging file and deletes it, and the
+        fallbacks', once the commit is durable; the state reads ``local`` from then on. Checkpoints
+        (the WAL fsync). Raises ``MetadataUnwritable`` if the WAL cannot be synced."""
         act = self.active.pop(inode)
+        act.gone = True
         os.close(act.fd)
-        self._locks.pop(inode, None)
-        return act.staging
+        self._release_lock(inode)
+        self._syncing.add(inode)
+        try:
+            await self.workers.run_io(self.db.sync_wal)
+        except OSError as exc:
+            raise MetadataUnwritable(f"cannot fsync the metadata WAL: {exc}") from exc  # stays 'staged'
+        self._syncing.discard(inode)
+        for name in (act.staging, *dropped_staging):
+            self.reclaimer.staging_file(name)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def drop(self, inode: InodeId) -> None:
-        """Delete every version of a purged inode and collect chunks nothing references any more."""
+        """Delete every version of a purged inode; chunks and staging files go once that is durable."""
         act = self.active.pop(inode, None)
         if act is not None:
+            act.gone = True
             os.close(act.fd)
-            self.staging.remove(act.staging)
-        touched: list[ChunkId] = []
-        with self.db.transaction() as c:  # atomic: no await until commit
-            for (vid,) in c.execute("SELECT id FROM versions WHERE inode=?", (inode,)).fetchall():
-                touched += self.chunks.drop_version_refs(c, vid)
-                c.execute("DELETE FROM versions WHERE id=?", (vid,))
-                self.reader.forget_version(VersionId(vid))
-        self._locks.pop(inode, None)
+        for v in self.versions.history(inode):
+            self.reader.forget_version(v.id)
+        touched, names = self.versions.drop_others(inode, None)
+        self._release_lock(inode)
         self.chunks.collect(touched)
+        for name in names:
+            self.reclaimer.staging_file(name)
 
-    def recover(self) -> list[Active]:
-        """At start-up: reopen staged versions (their staging file is their content). No checkpoint."""
-        recovered = []
-        rows = self.db.execute(
-            "SELECT v.id, v.inode, v.staging FROM versions v JOIN inodes i ON i.version = v.id WHERE v.state=?",
-            (VersionState.STAGED.value,),
-        ).fetchall()
-        for vid, inode, name in rows:
-            try:
-                fd = self.staging.open(name)
-            except FileNotFoundError:
-                log.error("staging file %s of inode %d is missing; the file reads as empty", name, inode)
-                with self.db.transaction() as c:
-                    c.execute("UPDATE inodes SET version=NULL, size=0 WHERE id=?", (inode,))
-                    c.execute("DELETE FROM versions WHERE id=?", (vid,))
+    def recover(self, same_boot: bool) -> tuple[list[Active], list[InodeId], list[str]]:
+        """At start-up, before serving: decide what every file with a staged version shows.
+
+        ``same_boot``: only the daemon died (kill -9, OOM), not the machine — the kernel still holds
+        every byte it accepted, so each file's newest version is taken as it is (its fallbacks stay
+        until it is durable). After a reboot, a staged version counts only if its staging file still
+        hashes to its durable mark (cut back to the marked size); otherwise the file goes back to its
+        newest durable version, and a file that has none keeps what its staging file holds but is
+        returned for ``lost+found``. Returns (reopened staged versions, inodes for lost+found, staging
+        files to delete once these changes are durable). No checkpoint; blocking reads (hashing)."""
+        recovered: list[Active] = []
+        rescue: list[InodeId] = []
+        doomed: list[str] = []
+        for inode in self.versions.inodes_with_staged():
+            current, _, _ = self.versions.current(inode)
+            history = [v for v in self.versions.history(inode) if current is not None and v.id <= current]
+            chosen: VersionRow | None = None
+            opened: tuple[int, int] | None = None
+            for v in history:
+                if v.state != VersionState.STAGED:
+                    chosen = v
+                    break
+                opened = self._open_valid(v, same_boot)
+                if opened is not None:
+                    chosen = v
+                    break
+                if v.id == current:
+                    why = "its staging file is missing" if same_boot else "it was not durable when the power went"
+                    log.warning("recovery: inode %d: version %d does not count (%s)", inode, v.id, why)
+            lost = chosen is None and bool(history)
+            if lost:  # nothing durable: keep the bytes, but not at their path
+                chosen, opened = history[0], self._open_any(history[0])
+                rescue.append(inode)
+            if same_boot and not lost and chosen is not None and chosen.id == current:
+                # taken as it is, not durable yet: its fallbacks stay; only unfinished copies go
+                touched, names = self.versions.drop_newer(inode, chosen.id)
+            else:
+                touched, names = self.versions.drop_others(inode, None if chosen is None else chosen.id)
+            self.chunks.collect(touched)
+            doomed += names
+            if chosen is None or opened is None:
+                self.versions.revert(inode, chosen)
                 continue
-            size = os.fstat(fd).st_size
-            with self.db.transaction() as c:
-                c.execute("UPDATE versions SET size=? WHERE id=?", (size, vid))
-                c.execute("UPDATE inodes SET size=? WHERE id=?", (size, inode))
-            act = Active(VersionId(vid), InodeId(inode), fd, name, size)
-            self.active[act.inode] = act
+            fd, size = opened
+            self.versions.revert(inode, chosen, size)
+            act = Active(chosen.id, inode, fd, chosen.staging or self.staging.name(chosen.id), size)
+            if not same_boot and not lost:
+                act.marked_gen, act.dir_synced = act.gen, True  # hashed to its mark just now
+            self.active[inode] = act
             recovered.append(act)
-        # Versions that are no inode's current content (superseded before a crash) are garbage.
-        stale = self.db.execute(
-            "SELECT id, staging, state FROM versions WHERE id NOT IN"
-            " (SELECT version FROM inodes WHERE version IS NOT NULL)"
-        ).fetchall()
-        for vid, name, state in stale:
-            with self.db.transaction() as c:
-                self.chunks.drop_version_refs(c, vid)
-                c.execute("DELETE FROM versions WHERE id=?", (vid,))
-            if state == VersionState.STAGED.value and name:
-                self.staging.remove(name)
         known = {a.staging for a in self.active.values()}
-        for name in self.staging.names():
-            if name not in known:
-                self.staging.remove(name)
-        return recovered
+        doomed += [n for n in self.staging.names() if n not in known]
+        return recovered, rescue, doomed
+
+    def _open_valid(self, v: VersionRow, same_boot: bool) -> tuple[int, int] | None:
+        """(fd, size) of a staged version that recovery may show, or None."""
+        try:
+            fd = self.staging.open(v.staging or self.staging.name(v.id))
+        except FileNotFoundError:
+            if v.durable_size == 0:  # durably empty: there was nothing to write
+                return self.staging.create(v.id), 0
+            return None
+        size = os.fstat(fd).st_size
+        if same_boot:
+            return fd, size
+        ok = v.durable_size is not None and v.durable_hash is not None and size >= v.durable_size
+        try:
+            ok = ok and hash_prefix(fd, v.durable_size or 0) == v.durable_hash
+        except FileChanged:
+            ok = False
+        if not ok:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, v.durable_size or 0)
+        return fd, v.durable_size or 0
+
+    def _open_any(self, v: VersionRow) -> tuple[int, int]:
+        """(fd, size) of a staged version as its staging file holds it (an empty one if it is gone)."""
+        try:
+            fd = self.staging.open(v.staging or self.staging.name(v.id))
+        except FileNotFoundError:
+            fd = self.staging.create(v.id)
+        return fd, os.fstat(fd).st_size

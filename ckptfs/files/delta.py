@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import encode, parse_header
-from ckptfs.errors import CorruptChunk, NotFound
+from ckptfs.errors import CorruptChunk
 from ckptfs.files.chunks import ChunkIndex, SlotBase
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.reader import MAX_CHAIN, fetch_and_decode
@@ -86,7 +86,7 @@ def encode_piece(
     if base is not None:
         try:
             base_pair = (base, base_bytes if base_bytes is not None else fetch_and_decode(cache, base))
-        except (CorruptChunk, NotFound, OSError):
+        except (CorruptChunk, OSError):  # ChunkMissing is a CorruptChunk
             base_pair = None
     frame, codec = encode(data, level, width, base_pair)
     return frame, int(codec), parse_header(frame).base  # set only when a delta codec won

@@ -30,18 +30,21 @@ denser).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import trio
 
+from ckptfs import failpoints
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import chunk_id
-from ckptfs.errors import CacheFull
+from ckptfs.errors import CacheFull, FileChanged
 from ckptfs.files.chunks import ChunkIndex, SlotBase
 from ckptfs.files.compact import Compactor, CompactSettings
 from ckptfs.files.contents import FileContents
@@ -51,6 +54,8 @@ from ckptfs.files.lru import BytesLRU
 from ckptfs.files.plan import plan_file
 from ckptfs.files.repack import Repacker, RepackSettings
 from ckptfs.files.workers import Workers
+from ckptfs.health import Health, guarded, is_fatal
+from ckptfs.meta import Versions, add_refs
 from ckptfs.types import ChunkId, InodeId, Piece, VersionId, VersionState
 
 log = logging.getLogger(__name__)
@@ -78,14 +83,10 @@ _MIN_POSITIONAL = 1024 * 1024
 _INLINE = 16 * 1024
 
 
-class _VersionChanged(Exception):
-    """The staging file changed under the ingest (it was truncated); its next seal re-queues it."""
-
-
 def _read_and_hash(fd: int, piece: Piece) -> tuple[bytes, ChunkId]:
     data = os.pread(fd, piece.length, piece.offset)
     if len(data) != piece.length:
-        raise _VersionChanged(f"short read at offset {piece.offset}")
+        raise FileChanged(f"short read at offset {piece.offset}")
     return data, chunk_id(data)
 
 
@@ -123,7 +124,15 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 class Ingester:
     """Owns the queue of sealed versions and the worker tasks that ingest them."""
 
-    def __init__(self, contents: FileContents, chunks: ChunkIndex, workers: Workers, settings: IngestSettings):
+    def __init__(
+        self,
+        contents: FileContents,
+        chunks: ChunkIndex,
+        workers: Workers,
+        settings: IngestSettings,
+        health: Health | None = None,
+    ):
+        self.health = health or Health()
         self.contents = contents
         self.chunks = chunks
         self.workers = workers
@@ -143,8 +152,9 @@ class Ingester:
     def busy(self) -> bool:
         """Is a version waiting for ingest, or was anything written in the last 2 s? Re-encoding stored
         chunks waits meanwhile: on a 2-core node, compaction next to a torch.save made the save 35 %
-        slower. (A file merely held open, like a log, does not count.)"""
-        return self.pending > 0 or time.monotonic() - self.contents.last_write < _QUIET_S
+        slower. (A file merely held open, like a log, does not count.) Always busy in failsafe mode:
+        nothing is re-encoded then."""
+        return self.health.failsafe or self.pending > 0 or time.monotonic() - self.contents.last_write < _QUIET_S
 
     def submit(self, inode: InodeId, vid: VersionId) -> None:
         """Queue a sealed version (idempotent while queued). No checkpoint; callable from any trio task."""
@@ -161,19 +171,22 @@ class Ingester:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the worker tasks until cancelled."""
+        h = self.health
         async with trio.open_nursery() as nursery:
             for _ in range(self.settings.files_at_once):
-                nursery.start_soon(self._worker, self._recv.clone(), nursery)
-            nursery.start_soon(self._sweep_slots)
-            nursery.start_soon(self.repacker.run)
-            nursery.start_soon(self.compactor.run)
+                recv = self._recv.clone()
+                nursery.start_soon(guarded, h, "ingest", functools.partial(self._worker, recv, nursery))
+            nursery.start_soon(guarded, h, "the delta-base slot sweep", self._sweep_slots)
+            nursery.start_soon(guarded, h, "repack", self.repacker.run)
+            nursery.start_soon(guarded, h, "compaction", self.compactor.run)
             task_status.started()
 
     async def _sweep_slots(self) -> None:
         """Release delta bases of deleted files once their grace period is over."""
         period = max(1.0, min(60.0, self.settings.base_grace_s / 4))
-        while True:
+        while not self.health.failsafe:
             await trio.sleep(period)
+            failpoints.hit("sweep")
             n = self.chunks.sweep_slots(self.settings.base_grace_s * 1_000_000_000)
             if n:
                 log.debug("released %d delta-base slots of deleted files", n)
@@ -187,18 +200,24 @@ class Ingester:
         retries: Counter[VersionId] = Counter()
         async for inode, vid in recv:
             try:
+                if self.health.failsafe:
+                    continue  # background writes stopped: it stays staged (and readable)
                 async with self.gate.shared():
+                    failpoints.hit("ingest")
                     await self._ingest(inode, vid)
                 retries.pop(vid, None)
-            except _VersionChanged as exc:
+            except FileChanged as exc:
                 log.debug("version %d changed during ingest (%s)", vid, exc)
-            except (CacheFull, OSError) as exc:
+            except (CacheFull, OSError, sqlite3.OperationalError) as exc:
+                if is_fatal(exc):
+                    self.health.trip(f"ingest of version {vid} failed", exc)
+                    continue
                 retries[vid] += 1
                 delay = min(60.0, 2.0 ** retries[vid])
                 log.warning("ingest of version %d failed (%s); retrying in %.0f s", vid, exc, delay)
                 nursery.start_soon(self._retry_later, inode, vid, delay)
-            except Exception:
-                log.exception("ingest of version %d failed unexpectedly; it stays staged", vid)
+            except Exception as exc:
+                self.health.trip(f"ingest of version {vid} failed unexpectedly", exc)
             finally:
                 self._queued.discard(vid)
                 if vid in self._again:
@@ -316,13 +335,8 @@ class Ingester:
             if not self.contents.still_sealed(inode, vid, gen):
                 return
             base_version = self._base_version(used_bases)
-            staging = self._commit(inode, vid, size, layout, signature, base_version, pieces, results, new_chunks)
-            try:
-                await self.workers.run_io(self.contents.db.sync_wal)
-            except OSError as exc:
-                log.warning("cannot fsync the metadata WAL (%s); keeping staging file %s until restart", exc, staging)
-            else:
-                self.contents.staging.remove(staging)
+            dropped = self._commit(inode, vid, size, layout, signature, base_version, pieces, results, new_chunks)
+            await self.contents.committed(inode, dropped)
             log.debug(
                 "version %d: %d bytes -> %d pieces (%s) in %.2fs",
                 vid,
@@ -393,8 +407,9 @@ class Ingester:
         pieces: list[Piece],
         results: dict[int, ChunkId],
         new_chunks: list[ChunkId],
-    ) -> str:
-        """Commit the version as ``local``; return its staging file's name (deleted once this is durable)."""
+    ) -> list[str]:
+        """Commit the version as ``local`` and drop its fallbacks; return their staging files' names (deleted,
+        with the version's own, once this is durable: ``FileContents.committed``)."""
         touched: list[ChunkId] = []
         with self.contents.db.transaction() as c:  # atomic: no await until commit
             ChunkIndex.queue_compaction_in(c, new_chunks)
@@ -402,7 +417,7 @@ class Ingester:
                 "INSERT INTO extents (version, offset, length, chunk, slot) VALUES (?,?,?,?,?)",
                 [(vid, p.offset, p.length, results[p.offset], p.slot) for p in pieces],
             )
-            ChunkIndex.add_refs(c, Counter(results[p.offset] for p in pieces))
+            add_refs(c, Counter(results[p.offset] for p in pieces))
             row = c.execute("SELECT inode FROM versions WHERE id=?", (base_version,)).fetchone()
             c.execute(
                 "UPDATE versions SET state=?, staging=NULL, layout=?, size=?, signature=?, base_version=?,"
@@ -413,10 +428,8 @@ class Ingester:
                 slots = [(p.slot, results[p.offset]) for p in pieces if p.slot]
                 touched += ChunkIndex.set_slots(c, signature, vid, slots)
             c.execute("UPDATE inodes SET size=? WHERE id=?", (size, inode))
-            for (old,) in c.execute("SELECT id FROM versions WHERE inode=? AND id<>?", (inode, vid)).fetchall():
-                touched += ChunkIndex.drop_version_refs(c, old)
-                c.execute("DELETE FROM versions WHERE id=?", (old,))
-                self.contents.reader.forget_version(VersionId(old))
-        staging = self.contents.finish_ingest(inode)
-        self.chunks.collect(touched)
-        return staging
+            for v in self.contents.versions.history(inode):
+                self.contents.reader.forget_version(v.id)
+            dropped, names = Versions.drop_others_in(c, inode, vid)
+        self.chunks.collect(touched + dropped)
+        return names

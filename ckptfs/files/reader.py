@@ -16,7 +16,7 @@ import trio
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import decode, parse_header
-from ckptfs.errors import CorruptChunk, NotFound
+from ckptfs.errors import ChunkMissing, CorruptChunk
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
@@ -77,7 +77,7 @@ class ChunkReader:
         self._extents.pop(vid, None)
 
     async def chunk(self, cid: ChunkId, _depth: int = 0) -> bytes:
-        """Decoded bytes of ``cid``, decoding its delta bases first. Raises ``CorruptChunk`` or ``NotFound``.
+        """Decoded bytes of ``cid``, decoding its delta bases first. Raises ``CorruptChunk`` (``ChunkMissing`` too).
 
         Checkpoints. Concurrent callers for one chunk share a single decode.
         """
@@ -96,7 +96,7 @@ class ChunkReader:
             hdr = parse_header(frame)
             try:
                 base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
-            except NotFound:
+            except ChunkMissing:
                 # re-encoded against another base (files.repack) after we read it, the old base collected
                 frame = await self._frame(cid)
                 hdr = parse_header(frame)

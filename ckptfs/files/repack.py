@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import trio
 
+from ckptfs import failpoints
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import decode, encode, parse_header
-from ckptfs.errors import CacheFull, CorruptChunk, NotFound
+from ckptfs.errors import CacheFull, CorruptChunk
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.delta import chain_root
 from ckptfs.files.gate import Gate
@@ -98,10 +99,13 @@ class Repacker:
                         roots.add(root)
             todo.clear()
             for root in roots:
+                if self.busy():
+                    break
                 try:
                     async with self.gate.exclusive():
+                        failpoints.hit("repack")
                         await self.repack_tree(root)
-                except (CacheFull, OSError, CorruptChunk, NotFound) as exc:
+                except (CacheFull, OSError, CorruptChunk) as exc:
                     log.warning("repack of the delta tree at %s stopped: %s", root.hex(), exc)
 
     def _tree(self, root: ChunkId) -> list[_Node]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ckptfs.fsutil import fsync_dir
 from ckptfs.types import VersionId
 
 
@@ -17,7 +18,9 @@ class StagingArea:
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.root = Path(cache_dir) / "staging"
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fsync_dir(self.root.parent)  # else a power cut could lose the folder and every file in it
 
     def name(self, vid: VersionId) -> str:
         return str(int(vid))
@@ -37,8 +40,4 @@ class StagingArea:
         return [p.name for p in self.root.iterdir()]
 
     def sync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)

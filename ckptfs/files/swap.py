@@ -3,9 +3,12 @@
 Used by ``files.repack`` (new base) and ``files.compact`` (denser codec, same base). The chunk id, its
 plain bytes and every reference to it stay; only the frame and the chunk row's codec/base/depth change:
 
-1. a ``rebase_intents`` row holds the new base (``ChunkIndex.begin_rebase``);
+1. a ``rebase_intents`` row holds the new base (``ChunkIndex.begin_rebase``), and is made durable (WAL
+   fsync) before step 2: after a power cut, the frame on disk may name the new base, which must then
+   still be held — and recovery must know there is a swap to settle;
 2. the new frame replaces the old one atomically (write tmp, fsync, rename, fsync the directory);
-3. the chunk row names the new base and releases the old one (``ChunkIndex.finish_rebase``).
+3. the chunk row names the new base and releases the old one (``ChunkIndex.finish_rebase``); the old
+   base's file, if that was its last reference, is deleted once this is durable (``files.reclaim``).
 
 A small new frame (``ChunkCache.is_small``) is written by step 3's transaction itself, and the old
 frame's file, if any, deleted once that transaction is durable.
@@ -31,6 +34,7 @@ async def swap_frame(chunks: ChunkIndex, workers: Workers, cid: ChunkId, frame: 
     small = chunks.cache.is_small(frame)
     if not small:
         try:
+            await workers.run_io(chunks.db.sync_wal)
             await workers.run_io(chunks.cache.put, cid, frame)
             await workers.run_io(chunks.cache.sync_dirs, [cid])
         except BaseException:

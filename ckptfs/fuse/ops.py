@@ -1,9 +1,9 @@
 """``pyfuse3.Operations`` for ckptfs: a thin adapter over ``namespace.Tree``.
 
 This is the only module that raises ``pyfuse3.FUSEError``. Every handler goes through ``_edge``,
-which maps ckptfs errors to errnos with one table and answers EIO (with a logged traceback) for
-anything unexpected, so no exception can end ``pyfuse3.main`` and unmount the filesystem under a
-running trainer.
+which maps ckptfs errors to errnos with one table and answers EIO for anything unexpected — after
+putting the daemon in failsafe mode (``health``) — so no exception can end ``pyfuse3.main`` and
+unmount the filesystem under a running trainer.
 """
 
 from __future__ import annotations
@@ -20,15 +20,19 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, RequestContext, XAttrNameT
 
-from ckptfs.errors import CacheFull, CorruptChunk, NotFound, PosixError
-from ckptfs.namespace import Attr, Tree
+from ckptfs import failpoints
+from ckptfs.errors import CacheFull, CorruptChunk, Failsafe, NotFound, PosixError
+from ckptfs.health import Health, is_fatal
+from ckptfs.namespace import ROOT, Attr, Tree
 from ckptfs.types import InodeId
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
+Handler = Callable[P, Coroutine[Any, Any, R]]
 
 _STATE_XATTR = b"user.ckptfs.state"
+_FAILSAFE_XATTR = b"user.ckptfs.failsafe"  # on the root, only while in failsafe mode
 _XATTR_NAME_MAX = 255
 _XATTR_SIZE_MAX = 65536
 _ERRNO_OF: tuple[tuple[type[BaseException], int], ...] = (
@@ -51,25 +55,38 @@ def _errno_for(exc: BaseException) -> int:
     return 0
 
 
-def _edge(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Translate every exception a handler raises into a ``FUSEError``."""
+def _edge(*, writes: bool = False) -> Callable[[Handler[P, R]], Handler[P, R]]:
+    """Translate every exception a handler raises into a ``FUSEError``. One the daemon cannot go on
+    after (``health.is_fatal``: a bug, unwritable metadata, a cache-disk I/O error) also puts it in
+    failsafe mode; there, handlers that ``writes`` answer EIO before doing anything."""
 
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as exc:
-            code = _errno_for(exc)
-            if code == 0:
-                log.exception("unexpected error in %s; answering EIO", fn.__name__)
-                code = errno.EIO
-            elif code in (errno.EIO, errno.ENOSPC):
-                log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(code) from None
+    def deco(fn: Handler[P, R]) -> Handler[P, R]:
+        name = fn.__name__
 
-    return wrapper
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            health: Health = args[0].health  # type: ignore[attr-defined]
+            try:
+                failpoints.hit(f"handler:{name}")
+                if writes:
+                    health.check()
+                return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except Failsafe:
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except Exception as exc:
+                code = _errno_for(exc)
+                if code == 0 or is_fatal(exc):
+                    health.trip(f"unexpected error in the {name} handler", exc)
+                    code = errno.EIO
+                elif code in (errno.EIO, errno.ENOSPC):
+                    log.warning("%s: %s", name, exc)
+                raise pyfuse3.FUSEError(code) from None
+
+        return wrapper
+
+    return deco
 
 
 def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
@@ -101,24 +118,26 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = True
 
-    def __init__(self, tree: Tree, statfs_path: str) -> None:
+    def __init__(self, tree: Tree, statfs_path: str, health: Health) -> None:
         super().__init__()
         self.tree = tree
         self.statfs_path = statfs_path
+        self.health = health
 
-    @_edge
+    @_edge()
     async def lookup(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> pyfuse3.EntryAttributes:
         return _entry(self.tree.lookup(InodeId(parent_inode), bytes(name)))
 
-    @_edge
+    @_edge()
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
-        self.tree.forget([(InodeId(i), n) for i, n in inode_list])
+        if not self.health.failsafe:  # a forget may purge a deleted file: a write
+            self.tree.forget([(InodeId(i), n) for i, n in inode_list])
 
-    @_edge
+    @_edge()
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> pyfuse3.EntryAttributes:
         return _entry(self.tree.getattr(InodeId(inode)))
 
-    @_edge
+    @_edge(writes=True)
     async def setattr(
         self,
         inode: InodeT,
@@ -138,37 +157,37 @@ class Operations(pyfuse3.Operations):
         )
         return _entry(new)
 
-    @_edge
+    @_edge()
     async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         return FileNameT(self.tree.readlink(InodeId(inode)))
 
-    @_edge
+    @_edge(writes=True)
     async def mknod(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
         return _entry(self.tree.mknod(InodeId(parent_inode), bytes(name), mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
 
-    @_edge
+    @_edge(writes=True)
     async def mkdir(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
         return _entry(self.tree.mkdir(InodeId(parent_inode), bytes(name), mode & ~ctx.umask, ctx.uid, ctx.gid))
 
-    @_edge
+    @_edge(writes=True)
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self.tree.unlink(InodeId(parent_inode), bytes(name))
 
-    @_edge
+    @_edge(writes=True)
     async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self.tree.rmdir(InodeId(parent_inode), bytes(name))
 
-    @_edge
+    @_edge(writes=True)
     async def symlink(
         self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
         return _entry(self.tree.symlink(InodeId(parent_inode), bytes(name), bytes(target), ctx.uid, ctx.gid))
 
-    @_edge
+    @_edge(writes=True)
     async def rename(
         self,
         parent_inode_old: InodeT,
@@ -187,17 +206,19 @@ class Operations(pyfuse3.Operations):
             exchange=bool(flags & pyfuse3.RENAME_EXCHANGE),
         )
 
-    @_edge
+    @_edge(writes=True)
     async def link(
         self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
         return _entry(self.tree.link(InodeId(inode), InodeId(new_parent_inode), bytes(new_name)))
 
-    @_edge
+    @_edge()
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> pyfuse3.FileInfo:
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            self.health.check()
         return pyfuse3.FileInfo(fh=FileHandleT(await self.tree.open(InodeId(inode), flags)))
 
-    @_edge
+    @_edge(writes=True)
     async def create(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT, ctx: RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -206,48 +227,48 @@ class Operations(pyfuse3.Operations):
         )
         return pyfuse3.FileInfo(fh=FileHandleT(fh)), _entry(attr)
 
-    @_edge
+    @_edge()
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         return await self.tree.read(fh, off, size)
 
-    @_edge
+    @_edge(writes=True)
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        return self.tree.write(fh, off, buf)
+        return await self.tree.write(fh, off, buf)
 
-    @_edge
+    @_edge()
     async def flush(self, fh: FileHandleT) -> None:
         self.tree.handle(fh)  # data is in the staging file already; sealing happens at release
 
-    @_edge
+    @_edge()
     async def release(self, fh: FileHandleT) -> None:
         self.tree.release(fh)
 
-    @_edge
+    @_edge(writes=True)
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.tree.fsync(fh)
 
-    @_edge
+    @_edge()
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         if not stat.S_ISDIR(self.tree.getattr(InodeId(inode)).mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return FileHandleT(inode)
 
-    @_edge
+    @_edge()
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for name, attr, next_id in self.tree.readdir(InodeId(fh), start_id):
             if not pyfuse3.readdir_reply(token, FileNameT(name), _entry(attr), next_id):
                 return
             self.tree.add_ref(attr.ino)  # readdirplus: the kernel now holds a reference
 
-    @_edge
+    @_edge()
     async def releasedir(self, fh: FileHandleT) -> None:
         return None
 
-    @_edge
+    @_edge()
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         return None
 
-    @_edge
+    @_edge()
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         st = os.statvfs(self.statfs_path)
         out = pyfuse3.StatvfsData()
@@ -262,9 +283,11 @@ class Operations(pyfuse3.Operations):
         out.f_namemax = 255
         return out
 
-    @_edge
+    @_edge()
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         ino = InodeId(inode)
+        if bytes(name) == _FAILSAFE_XATTR and ino == ROOT and self.health.failsafe:
+            return self.health.describe().encode()
         if bytes(name) == _STATE_XATTR:
             state = self.tree.state(ino)
             if state is None:
@@ -275,7 +298,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
-    @_edge
+    @_edge(writes=True)
     async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext) -> None:
         if bytes(name).startswith(b"user.ckptfs."):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -285,7 +308,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.E2BIG)
         self.tree.setxattr(InodeId(inode), bytes(name), bytes(value))
 
-    @_edge
+    @_edge()
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         ino = InodeId(inode)
         names = [XAttrNameT(n) for n in self.tree.listxattr(ino)]
@@ -293,7 +316,7 @@ class Operations(pyfuse3.Operations):
             names.append(XAttrNameT(_STATE_XATTR))
         return names
 
-    @_edge
+    @_edge(writes=True)
     async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         if bytes(name).startswith(b"user.ckptfs."):
             raise pyfuse3.FUSEError(errno.EPERM)

@@ -3,8 +3,13 @@
 All calls are synchronous and made from the trio thread only, so a run of statements with no
 ``await`` in between is atomic with respect to every other task. ``transaction()`` wraps such a run
 in BEGIN IMMEDIATE/COMMIT so it is also atomic on disk. WAL with ``synchronous=NORMAL`` survives a
-killed process (the durability that matters for kill -9); fsync-grade durability is asked for
-explicitly by ``checkpoint()``.
+killed process (the durability that matters for kill -9): a power cut may lose the transactions
+committed since the last ``sync_wal()``/``checkpoint()`` — never a part of one, and never an older
+one. So whoever deletes a file must first make durable the transaction that stopped referring to it
+(``files.reclaim``), and whoever promises durability (fsync, the state ``local``) calls ``sync_wal``.
+
+The database and its WAL are created 0600 (they hold file contents: small frames), and their
+directory is fsync'd when they are created, so a power cut cannot lose the files themselves.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2 added ``frames``; a version-1 database is upgraded in place
+from ckptfs.fsutil import fsync_dir
+
+SCHEMA_VERSION = 3  # 2 added ``frames``, 3 the durable marks of staged versions; older ones are upgraded
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -60,7 +67,9 @@ CREATE TABLE IF NOT EXISTS versions (
     layout     TEXT,                     -- 'torchzip' | 'safetensors' | 'positional' | 'cdc' once chunked
     signature  TEXT,                     -- layout signature (NULL for content-defined chunking)
     base_version INTEGER,                -- version whose chunks served as delta bases (NULL = none)
-    base_inode INTEGER                   -- the file that version belonged to (it may be gone since)
+    base_inode INTEGER,                  -- the file that version belonged to (it may be gone since)
+    durable_size INTEGER,                -- staged: bytes of the staging file fsync'd (NULL = no durable mark)
+    durable_hash BLOB                    -- staged: xxh3-128 of those bytes, checked after a power cut
 );
 CREATE INDEX IF NOT EXISTS versions_inode ON versions (inode);
 -- Ordered chunks of a local/remote version. Extents tile [0, size) without gaps.
@@ -129,29 +138,57 @@ class Database:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        new = not self.path.exists()
+        # Private from the first byte (contents live here), whatever the umask; SQLite gives the WAL and
+        # the shared-memory file the database file's mode.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=OFF")
+        row = None if new else self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
+            raise RuntimeError(f"metadata schema {row[0]} is newer than this ckptfs supports ({SCHEMA_VERSION})")
+        if row is not None and int(row[0]) < 3:  # added columns; tables added since come from _SCHEMA
+            cols = {r[1] for r in self.conn.execute("PRAGMA table_info(versions)")}
+            for col, typ in (("durable_size", "INTEGER"), ("durable_hash", "BLOB")):
+                if col not in cols:
+                    self.conn.execute(f"ALTER TABLE versions ADD COLUMN {col} {typ}")
         self.conn.executescript(_SCHEMA)
-        row = self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self.conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) == 1:  # the only change since: the ``frames`` table, which _SCHEMA created
-            self.conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise RuntimeError(f"metadata schema {row[0]} is not supported (expected {SCHEMA_VERSION})")
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        if new:
+            self.checkpoint()
+            fsync_dir(self.path.parent)
+
+    @property
+    def _wal(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on exception). Never await inside."""
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on exception). Never await inside.
+
+        A COMMIT that fails (SQLITE_FULL, an I/O error) is rolled back too, so a later statement can never
+        join a transaction left open and be committed with it by someone else's COMMIT."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite may have rolled back on its own; the original error says why
             raise
-        self.conn.execute("COMMIT")
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -162,9 +199,10 @@ class Database:
 
     def sync_wal(self) -> None:
         """Make every transaction committed so far durable: fsync the WAL, where they were appended
-        (or, if a checkpoint already moved them, the database file, which that checkpoint synced).
+        (or, if a checkpoint already moved them, the database file, which that checkpoint synced), and
+        the directory, whose entry for a WAL SQLite has just created may not be durable yet.
         Blocking, thread-safe: it touches no connection, so it can run in a worker thread."""
-        for path in (self.path.with_name(self.path.name + "-wal"), self.path):
+        for path in (self._wal, self.path):
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
@@ -173,7 +211,8 @@ class Database:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            return
+            break
+        fsync_dir(self.path.parent)
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file with a full fsync."""

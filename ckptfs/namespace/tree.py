@@ -27,6 +27,7 @@ from ckptfs.types import InodeId, VersionState
 log = logging.getLogger(__name__)
 ROOT = InodeId(1)
 NAME_MAX = 255
+LOST_FOUND = b"lost+found"
 _ATTR_COLS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev"
 
 
@@ -278,6 +279,47 @@ class Tree:
             c.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
             c.execute("DELETE FROM inodes WHERE id=?", (ino,))
 
+    def rescue(self, inodes: list[InodeId]) -> list[str]:
+        """At start-up: move files that have no durable version (a power cut came before their first
+        durability point) out of their directories into ``/lost+found``, as ``<name>.<inode>``; returns
+        where each went ("old path -> new name"). Their bytes, as the staging file kept them, stay
+        readable there; the path no longer shows them. No checkpoint."""
+        if not inodes:
+            return []
+        lost = self._child(ROOT, LOST_FOUND)
+        if lost is None:
+            lost = self.mkdir(ROOT, LOST_FOUND, 0o700, os.getuid(), os.getgid()).ino
+            self._lookups[lost] -= 1  # no kernel reference: nobody looked it up
+        elif not stat.S_ISDIR(self.getattr(lost).mode):
+            raise PosixError(errno.ENOTDIR, "/lost+found exists and is not a directory")
+        moved = []
+        for ino in inodes:
+            entries = self.db.execute("SELECT parent, name FROM dirents WHERE inode=?", (ino,)).fetchall()
+            if not entries:
+                continue  # unlinked already: purged with the orphans
+            old = self.path_of(ino)
+            name = bytes(entries[0][1])[: NAME_MAX - 12] + f".{ino}".encode()
+            now = time.time_ns()
+            with self.db.transaction() as c:  # atomic: no await until commit
+                c.execute("DELETE FROM dirents WHERE inode=?", (ino,))
+                c.execute("INSERT INTO dirents (parent, name, inode) VALUES (?,?,?)", (lost, name, ino))
+                c.execute("UPDATE inodes SET nlink=1, ctime_ns=? WHERE id=?", (now, ino))
+                for parent, _ in entries:
+                    c.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, parent))
+            moved.append(f"{old} -> lost+found/{name.decode(errors='replace')}")
+        return moved
+
+    def path_of(self, ino: InodeId) -> str:
+        """A path of ``ino`` from the root (its first entry at each level), for messages."""
+        parts: list[str] = []
+        while ino != ROOT and len(parts) < 256:
+            row = self.db.one("SELECT parent, name FROM dirents WHERE inode=? LIMIT 1", (ino,))
+            if row is None:
+                return "(unlinked)/" + "/".join(reversed(parts))
+            parts.append(bytes(row[1]).decode(errors="replace"))
+            ino = InodeId(int(row[0]))
+        return "/" + "/".join(reversed(parts))
+
     def purge_orphans(self) -> int:
         """At start-up: purge inodes no directory entry refers to (unlinked while open before a stop)."""
         rows = self.db.execute("SELECT id FROM inodes WHERE nlink <= 0 AND id <> ?", (ROOT,)).fetchall()
@@ -388,12 +430,13 @@ class Tree:
         h = self.handle(fh)
         return await self.contents.read(h.inode, off, size, f"inode {h.inode}")
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        """Checkpoints only while an fsync of the same file is hashing it (``FileContents.write``)."""
         h = self.handle(fh)
         if h.active is None:
             raise PosixError(errno.EBADF)
         h.wrote = True
-        return self.contents.write(h.active, off, data)
+        return await self.contents.write(h.active, off, data)
 
     def release(self, fh: int) -> None:
         """Close a handle; the last writer seals the version (no checkpoint)."""

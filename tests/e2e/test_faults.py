@@ -17,7 +17,7 @@ def small_cache(tmp_path):
         pytest.skip("needs root to mount a small tmpfs as the cache disk")
     path = tmp_path / "smallcache"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(path)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(path)], check=True)
     yield path
     subprocess.run(["umount", "-l", str(path)], check=False)
 

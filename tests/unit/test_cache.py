@@ -8,7 +8,7 @@ import pytest
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import chunk_id
-from ckptfs.errors import NotFound
+from ckptfs.errors import ChunkMissing
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -23,5 +23,5 @@ def test_put_get_round_trip_at_every_alignment(tmp_path, direct):
         assert cache.get(chunk_id(frame)) == frame
         assert cache.size(chunk_id(frame)) == size
     assert not list((tmp_path / str(direct)).rglob("*.tmp"))
-    with pytest.raises(NotFound):
+    with pytest.raises(ChunkMissing):
         cache.get(chunk_id(b"absent"))

@@ -12,12 +12,12 @@ import trio
 
 from ckptfs.codec import chunk_id, encode, parse_header
 from ckptfs.codec.frame import Codec, _pack
-from ckptfs.errors import NotFound
+from ckptfs.errors import ChunkMissing
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.reader import fetch_and_decode
 from ckptfs.files.swap import swap_frame
 from ckptfs.files.workers import Workers
-from ckptfs.meta import Database
+from ckptfs.meta import Database, add_refs
 
 
 def _text(n: int, seed: int) -> bytes:
@@ -33,7 +33,7 @@ def _store(chunks: ChunkIndex, data: bytes) -> tuple[bytes, bytes]:
         chunks.cache.put(cid, frame)
     chunks.record_stored(cid, int(codec), len(data), len(frame), None, 0, frame if small else None)
     with chunks.db.transaction() as c:
-        ChunkIndex.add_refs(c, Counter({cid: 1}))
+        add_refs(c, Counter({cid: 1}))
     return cid, frame
 
 
@@ -63,10 +63,10 @@ def test_small_frame_is_a_row_not_a_file_and_goes_with_it(index):
     assert index.cache.get(cid) == frame
     assert _in_thread(fetch_and_decode, index.cache, cid) == data  # a worker thread's own connection
     with index.db.transaction() as c:
-        ChunkIndex.add_refs(c, Counter({cid: -1}))
+        add_refs(c, Counter({cid: -1}))
     assert index.collect([cid]) == 1
     assert index.db.one("SELECT count(*) FROM frames")[0] == 0
-    with pytest.raises(NotFound):
+    with pytest.raises(ChunkMissing):
         _in_thread(index.cache.get, cid)
 
 
@@ -88,7 +88,7 @@ def test_swap_moves_a_frame_between_file_and_database(index):
     index.cache.put(cid, raw_frame)
     index.record_stored(cid, int(Codec.RAW), len(data), len(raw_frame), None, 0)
     with index.db.transaction() as c:
-        ChunkIndex.add_refs(c, Counter({cid: 1}))
+        add_refs(c, Counter({cid: 1}))
     workers = Workers.create(1, 0)
     trio.run(swap_frame, index, workers, cid, small, 0)
     assert not index.cache.path(cid).exists()  # the stale file is gone
@@ -117,20 +117,48 @@ def test_interrupted_swap_keeps_the_small_frame_and_drops_the_stale_file(index):
     assert fetch_and_decode(index.cache, cid) == data
 
 
-def test_schema_1_cache_is_upgraded_and_a_newer_one_refused(tmp_path):
+def test_older_caches_are_upgraded_and_a_newer_one_refused(tmp_path):
     import sqlite3
 
     db = Database(tmp_path / "meta.db")
-    db.conn.execute("DROP TABLE frames")
+    db.conn.execute("DROP TABLE frames")  # what a schema-1 cache looks like to the new code
+    db.conn.execute("ALTER TABLE versions DROP COLUMN durable_size")
+    db.conn.execute("ALTER TABLE versions DROP COLUMN durable_hash")
     db.conn.execute("UPDATE meta SET value='1' WHERE key='schema'")
     db.close()
-    db = Database(tmp_path / "meta.db")  # what a schema-1 cache looks like to the new code
-    assert db.one("SELECT value FROM meta WHERE key='schema'") == ("2",)
+    db = Database(tmp_path / "meta.db")
+    assert db.one("SELECT value FROM meta WHERE key='schema'") == ("3",)
     assert db.one("SELECT count(*) FROM frames") == (0,)
+    assert db.one("SELECT count(durable_size), count(durable_hash) FROM versions") == (0, 0)
     db.close()
     conn = sqlite3.connect(tmp_path / "meta.db")
-    conn.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    conn.execute("UPDATE meta SET value='4' WHERE key='schema'")
     conn.commit()
     conn.close()
-    with pytest.raises(RuntimeError, match="schema 3 is not supported"):
+    with pytest.raises(RuntimeError, match="schema 4 is newer"):
         Database(tmp_path / "meta.db")
+
+
+def test_database_files_are_private_and_a_failed_commit_rolls_back(tmp_path):
+    import os
+    import sqlite3
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        db = Database(tmp_path / "meta.db")
+        db.execute("INSERT INTO meta VALUES ('x', '1')")
+    finally:
+        os.umask(old)
+    for name in ("meta.db", "meta.db-wal"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
+    # A COMMIT that fails (here: a deferred constraint, as SQLITE_FULL would) leaves no open transaction.
+    db.conn.execute("CREATE TABLE t (x INTEGER REFERENCES meta(key) DEFERRABLE INITIALLY DEFERRED)")
+    db.conn.execute("PRAGMA foreign_keys=ON")
+    with pytest.raises(sqlite3.IntegrityError):
+        with db.transaction() as c:
+            c.execute("INSERT INTO t VALUES ('nope')")
+    assert not db.conn.in_transaction
+    db.execute("INSERT INTO meta VALUES ('y', '2')")  # autocommit: not swallowed by a dangling transaction
+    assert db.one("SELECT count(*) FROM t") == (0,)
+    db.close()
