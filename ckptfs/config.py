@@ -6,6 +6,8 @@ one-line message naming the offending key.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -14,6 +16,7 @@ from typing import Any
 
 from ckptfs.errors import UserError
 
+log = logging.getLogger(__name__)
 DEFAULT_CONFIG_FILE = Path("/etc/ckptfs/ckptfs.toml")
 MiB = 1024 * 1024
 
@@ -84,30 +87,49 @@ class Config:
 _SECTIONS = {"cache": CacheConfig, "store": StoreConfig, "ingest": IngestConfig, "mount": MountConfig}
 
 
-def _coerce(section: str, key: str, raw: Any, typ: type[Any]) -> Any:
-    where = f"{section}.{key}"
+# Variables that are not settings: the config file, and hooks for tests (docs: README, "Configuration").
+_OTHER_ENV = {"CKPTFS_CONFIG", "CKPTFS_BOOT_ID", "CKPTFS_FAILPOINTS"}
+_OTHER_ENV_PREFIXES = ("CKPTFS_TEST_",)
+
+
+def _coerce(where: str, raw: Any, typ: type[Any], text: bool) -> Any:
+    """``raw`` as a ``typ``. From TOML or the command line (``text`` False) the value must already have
+    the type (an int is also a float); from the environment (``text`` True) it is parsed from its text.
+    ``where`` names the setting in the message."""
     if typ is bool:
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        if text and isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
             return raw.lower() in {"1", "true", "yes", "on"}
         raise UserError(f"config: {where} must be true or false, got {raw!r}")
-    if typ is int and not isinstance(raw, bool):
-        try:
-            return int(raw)
-        except (TypeError, ValueError):
-            raise UserError(f"config: {where} must be an integer, got {raw!r}") from None
-    if typ is float and not isinstance(raw, bool):
-        try:
+    if typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if text and isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise UserError(f"config: {where} must be an integer, got {raw!r}")
+    if typ is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
             return float(raw)
-        except (TypeError, ValueError):
-            raise UserError(f"config: {where} must be a number, got {raw!r}") from None
+        if text and isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise UserError(f"config: {where} must be a number, got {raw!r}")
     if typ is str and isinstance(raw, str):
         return raw
-    raise UserError(f"config: {where} has the wrong type: {raw!r}")
+    raise UserError(f"config: {where} must be a {typ.__name__}, got {raw!r}")
 
 
-def _apply(cfg: Config, section: str, values: dict[str, Any], source: str) -> Config:
+def _apply(
+    cfg: Config, section: str, values: dict[str, Any], source: str, names: dict[str, str] | None = None
+) -> Config:
+    """Set ``values`` of ``section``. ``names`` (from the environment) maps each key to the variable it
+    came from, for messages; those values are text."""
     cls = _SECTIONS.get(section)
     if cls is None:
         raise UserError(f"config: unknown section [{section}] in {source}")
@@ -117,8 +139,18 @@ def _apply(cfg: Config, section: str, values: dict[str, Any], source: str) -> Co
     for key, raw in values.items():
         if key not in types:
             raise UserError(f"config: unknown key {section}.{key} in {source}")
-        changes[key] = _coerce(section, key, raw, types[key])
+        where = f"{section}.{key}" if names is None else f"{names[key]} ({section}.{key})"
+        changes[key] = _coerce(where, raw, types[key], names is not None)
     return replace(cfg, **{section: replace(current, **changes)})
+
+
+def _unknown_env(env: dict[str, str] | os._Environ[str]) -> list[str]:
+    """``CKPTFS_*`` variables that name no setting (a typo is otherwise silently ignored)."""
+    known = {f"CKPTFS_{s.upper()}_{f.name.upper()}" for s, cls in _SECTIONS.items() for f in fields(cls)}
+    known |= _OTHER_ENV
+    return sorted(
+        n for n in env if n.startswith("CKPTFS_") and n not in known and not n.startswith(_OTHER_ENV_PREFIXES)
+    )
 
 
 def load(
@@ -148,13 +180,18 @@ def load(
                 raise UserError(f"config: {section} in {file} must be a [section]")
             cfg = _apply(cfg, section, values, str(file))
     for section, cls in _SECTIONS.items():
-        env_values = {}
+        env_values, names = {}, {}
         for f in fields(cls):
             name = f"CKPTFS_{section.upper()}_{f.name.upper()}"
             if name in env:
-                env_values[f.name] = env[name]
+                env_values[f.name], names[f.name] = env[name], name
         if env_values:
-            cfg = _apply(cfg, section, env_values, "the environment")
+            cfg = _apply(cfg, section, env_values, "the environment", names)
+    known = [f"CKPTFS_{s.upper()}_{f.name.upper()}" for s, cls in _SECTIONS.items() for f in fields(cls)]
+    for name in _unknown_env(env):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        log.warning("environment variable %s is not a ckptfs setting and is ignored%s", name, hint)
     for section, values in (overrides or {}).items():
         cfg = _apply(cfg, section, {k: v for k, v in values.items() if v is not None}, "the command line")
     return validate(cfg)
@@ -187,4 +224,6 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config: cache.dir must not contain a comma: {cfg.cache.dir}")
     if cfg.mount.drain_seconds < 0:
         raise UserError("config: mount.drain_seconds must be >= 0")
+    if not 0 <= cfg.cache.durable_after_s <= 3600:
+        raise UserError(f"config: cache.durable_after_s must be within 0..3600, got {cfg.cache.durable_after_s}")
     return cfg

@@ -58,9 +58,17 @@ LOG_NAME = "ckptfs.log"
 def preflight(cfg: Config, mountpoint: str) -> None:
     """Check everything a mount needs; raise ``UserError`` with one clear line on the first problem."""
     mp = Path(mountpoint)
-    if not mp.exists():
-        raise UserError(f"mountpoint {mountpoint} does not exist")
-    if not mp.is_dir():
+    try:
+        st = os.stat(mp)
+    except FileNotFoundError:
+        raise UserError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UserError(
+                f"mountpoint {mountpoint} is a dead mount (its daemon is gone): run 'ckptfs umount {mountpoint}' first"
+            ) from None
+        raise UserError(f"mountpoint {mountpoint} cannot be used: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mp):
         raise UserError(f"mountpoint {mountpoint} is already a mount point (is ckptfs already mounted there?)")
@@ -81,6 +89,13 @@ def preflight(cfg: Config, mountpoint: str) -> None:
     if cache.resolve() == mp.resolve() or mp.resolve() in cache.resolve().parents:
         raise UserError("the cache directory must not be inside the mountpoint")
     prepare_cache_dir(cache)
+    vfs = os.statvfs(cache)
+    disk = vfs.f_blocks * vfs.f_frsize
+    if cfg.cache.reserve_mb * MiB >= disk:
+        raise UserError(
+            f"config: cache.reserve_mb is {cfg.cache.reserve_mb} MiB, but the disk of {cache} holds only"
+            f" {disk // MiB} MiB: every write would fail"
+        )
     try:
         open_store(cfg.store.url).check()
     except BackendError as exc:
@@ -116,8 +131,9 @@ def prepare_cache_dir(cache: Path) -> None:
         os.chmod(cache, 0o700)  # readable by others (an older ckptfs, a umask): contents stay private now
 
 
-def lock_cache(cache_dir: str) -> int:
-    """Take the cache directory's lock for this process. Raises ``UserError`` if another daemon has it."""
+def lock_cache(cache_dir: str, why: str = "") -> int:
+    """Take the cache directory's lock for this process; return its fd (closing it releases the lock).
+    Raises ``UserError`` if a daemon has it (``why`` is added to the message)."""
     path = Path(cache_dir) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -127,9 +143,27 @@ def lock_cache(cache_dir: str) -> int:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             pid = read_pid(cache_dir)
             who = f" (pid {pid})" if pid else ""
-            raise UserError(f"another ckptfs daemon{who} is already using cache directory {cache_dir}") from None
+            raise UserError(f"another ckptfs daemon{who} is already using cache directory {cache_dir}{why}") from None
         raise
     return fd
+
+
+def cache_in_use(cache_dir: str) -> bool:
+    """Does a daemon hold the cache directory's lock? (A daemon that exited holds none, even as a zombie
+    its parent has not reaped yet.)"""
+    try:
+        fd = os.open(Path(cache_dir) / LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)
 
 
 def read_pid(cache_dir: str) -> int | None:

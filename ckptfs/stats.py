@@ -107,7 +107,16 @@ class _File:
 
 
 def _walk(conn: sqlite3.Connection, start: int, rel: str) -> Iterator[tuple[str, list[_File]]]:
-    """Every directory of the subtree at ``start`` (its path relative to the mount root) with its regular files."""
+    """Every directory of the subtree at ``start`` (its path relative to the mount root) with its regular files;
+    for a regular file ``start``, its directory with just that file."""
+    row = conn.execute(
+        "SELECT i.mode, i.size, v.id, v.state FROM inodes i LEFT JOIN versions v ON v.id = i.version WHERE i.id=?",
+        (start,),
+    ).fetchone()
+    if row is not None and stat.S_ISREG(row[0]):
+        parent = rel.strip("/").rpartition("/")[0]
+        yield parent, [_File(rel.strip("/"), start, row[1], row[2], row[3])]
+        return
     stack: list[tuple[int, str]] = [(start, rel.strip("/"))]
     while stack:
         ino, path = stack.pop()
@@ -192,11 +201,7 @@ def versions(conn: sqlite3.Connection, rel: str = "") -> list[VersionInfo]:
             ino = parents[ino]
         return "/".join(reversed(parts))
 
-    mode = conn.execute("SELECT mode FROM inodes WHERE id=?", (start,)).fetchone()[0]
-    if stat.S_ISREG(mode):
-        targets = [(rel.strip("/"), start)]
-    else:
-        targets = [(f.path, f.inode) for _, files in _walk(conn, start, rel) for f in files]
+    targets = [(f.path, f.inode) for _, files in _walk(conn, start, rel) for f in files]
     out: list[VersionInfo] = []
     for path, ino in sorted(targets):
         v = conn.execute(

@@ -18,6 +18,7 @@ from typing import TypeVar
 from ckptfs import __version__, config, daemon, fsck, stats
 from ckptfs import log as logsetup
 from ckptfs.cli.mounts import ckptfs_mounts, mount_of
+from ckptfs.daemon import plural
 from ckptfs.errors import UserError
 from ckptfs.health import MARKER_NAME
 
@@ -66,20 +67,26 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
         return daemon.run(cfg, mountpoint, ready)
     # Background: check in this process for quick, clear errors, then start the daemon and wait for it.
+    os.umask(0o077)  # the log and everything else in the cache directory are private
     daemon.preflight(cfg, mountpoint)
-    if daemon.read_pid(cfg.cache.dir) is not None:
-        daemon.lock_cache(cfg.cache.dir)  # raises if a daemon really holds the cache; else the pid file is stale
+    os.close(daemon.lock_cache(cfg.cache.dir))  # raises if a daemon holds the cache; a stale pid file is fine
     rfd, wfd = os.pipe()
-    cmd = [sys.executable, "-m", "ckptfs", "mount", "--foreground", "--ready-fd", str(wfd), mountpoint]
+    # -P and cwd=/: a folder named "ckptfs" in the current directory must not shadow the package
+    cmd = [sys.executable, "-P", "-m", "ckptfs", "mount", "--foreground", "--ready-fd", str(wfd), mountpoint]
     cmd += ["--cache", cfg.cache.dir, "--store", cfg.store.url]
     if args.config:
-        cmd += ["--config", args.config]
+        cmd += ["--config", os.path.abspath(args.config)]
     if args.debug:
         cmd.append("--debug")
-    Path(cfg.cache.dir).mkdir(parents=True, exist_ok=True)
     with open(Path(cfg.cache.dir) / daemon.LOG_NAME, "ab") as logf:
         proc = subprocess.Popen(
-            cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            cmd,
+            pass_fds=(wfd,),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            cwd="/",
         )
     os.close(wfd)
     with os.fdopen(rfd, "rb") as r:
@@ -103,23 +110,27 @@ def cmd_umount(args: argparse.Namespace) -> int:
     res = subprocess.run([tool, mountpoint], capture_output=True, text=True)
     if res.returncode != 0:
         raise UserError(f"cannot unmount {mountpoint}: {res.stderr.strip() or res.stdout.strip()}")
-    if pid is None:
-        return 0
+    # The daemon is gone when it has let go of the cache lock (a pid test would count a zombie as alive).
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            print(f"unmounted {mountpoint}")
-            return 0
+    while daemon.cache_in_use(cache_dir):
+        if time.monotonic() > deadline:
+            who = f"daemon pid {pid}" if pid else "its daemon"
+            raise UserError(f"unmounted {mountpoint}, but {who} is still running after {args.timeout:.0f} s")
         time.sleep(0.1)
-    raise UserError(f"unmounted {mountpoint}, but daemon pid {pid} is still running after {args.timeout:.0f} s")
+    print(f"unmounted {mountpoint}")
+    return 0
 
 
 # -- stats / fsck ------------------------------------------------------------------------------
 
 
 def _cache_for(args: argparse.Namespace) -> tuple[str, str]:
+    """(cache directory, path relative to the mount root) that ``args`` name: a path inside a mount, else
+    ``--cache``, else the mount the current directory is in, else the configured cache."""
+    if not args.path and not args.cache:
+        here = mount_of(os.getcwd())
+        if here is not None:
+            return here[0].cache_dir, here[1]
     if args.path:
         found = mount_of(args.path)
         if found is not None:
@@ -208,7 +219,8 @@ def cmd_ls_versions(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     cache_dir = _config(args).cache.dir
-    lock_fd = daemon.lock_cache(cache_dir) if args.repair else None
+    why = "; fsck --repair needs the daemon stopped: ckptfs umount its mountpoint first"
+    lock_fd = daemon.lock_cache(cache_dir, why) if args.repair else None
     try:
         rep = fsck.check(cache_dir, verify_data=args.verify_data, repair=args.repair)
     finally:
@@ -224,8 +236,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     for line in rep.problems:
         print(f"PROBLEM: {line}")
     print(
-        f"fsck: {rep.checked_files} files, {rep.checked_chunks} chunks checked, "
-        f"{len(rep.problems)} problems, {len(rep.warnings)} warnings"
+        f"fsck: {plural(rep.checked_files, 'file')}, {plural(rep.checked_chunks, 'chunk')} checked, "
+        f"{plural(len(rep.problems), 'problem')}, {plural(len(rep.warnings), 'warning')}"
     )
     return 0 if rep.ok else 1
 

@@ -300,8 +300,14 @@ class Operations(pyfuse3.Operations):
 
     @_edge(writes=True)
     async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext) -> None:
+        if bytes(name) == _STATE_XATTR:
+            return  # a copy of the state (cp -a, rsync -X of a copy) coming back: ignored, it is computed
         if bytes(name).startswith(b"user.ckptfs."):
             raise pyfuse3.FUSEError(errno.EPERM)
+        if bytes(name).startswith(b"system.posix_acl_"):
+            # ACLs are not enforced here; storing one as a plain xattr made cp -p drop the group and
+            # other bits (0644 -> 0600). Refusing it makes cp fall back to chmod.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if len(name) > _XATTR_NAME_MAX:
             raise pyfuse3.FUSEError(errno.ERANGE)
         if len(value) > _XATTR_SIZE_MAX:
@@ -310,11 +316,8 @@ class Operations(pyfuse3.Operations):
 
     @_edge()
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
-        ino = InodeId(inode)
-        names = [XAttrNameT(n) for n in self.tree.listxattr(ino)]
-        if self.tree.state(ino) is not None:
-            names.append(XAttrNameT(_STATE_XATTR))
-        return names
+        # user.ckptfs.state is readable but not listed: cp -a and rsync -X would copy it elsewhere
+        return [XAttrNameT(n) for n in self.tree.listxattr(InodeId(inode))]
 
     @_edge(writes=True)
     async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:

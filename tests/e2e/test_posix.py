@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import stat
+import struct
 import subprocess
 
 import pytest
@@ -137,14 +138,21 @@ def test_symlink_chmod_chown_utime_xattr_statfs(mount):
     assert os.stat(target).st_mtime_ns == 2_000_000_000
     os.setxattr(target, "user.note", b"v1")
     assert os.getxattr(target, "user.note") == b"v1"
-    assert set(os.listxattr(target)) == {"user.note", "user.ckptfs.state"}
+    assert set(os.listxattr(target)) == {"user.note"}  # the state is readable, not listed (cp -a, rsync -X)
     assert os.getxattr(target, "user.ckptfs.state") in (b"staged", b"local")
     os.removexattr(target, "user.note")
     with pytest.raises(OSError) as e:
         os.getxattr(target, "user.note")
     assert e.value.errno == errno.ENODATA
+    os.setxattr(target, "user.ckptfs.state", b"remote")  # a copied state coming back: accepted, ignored
+    assert os.getxattr(target, "user.ckptfs.state") in (b"staged", b"local")
     with pytest.raises(PermissionError):
-        os.setxattr(target, "user.ckptfs.state", b"remote")
+        os.setxattr(target, "user.ckptfs.other", b"x")
+    entries = ((1, 6), (4, 4), (32, 4))  # user::rw- group::r-- other::r--
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+    with pytest.raises(OSError) as e:
+        os.setxattr(target, "system.posix_acl_access", acl)
+    assert e.value.errno == errno.EOPNOTSUPP
     sv = os.statvfs(mount.mnt)
     assert sv.f_blocks > 0 and sv.f_namemax == 255
 

@@ -26,6 +26,11 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ("[nope]\nx = 1\n", "unknown section"),
         ("[cache]\ncolour = 1\n", "unknown key cache.colour"),
         ("[cache]\nreserve_mb = 'lots'\n", "must be an integer"),
+        ("[cache]\nreserve_mb = 10.5\n", "cache.reserve_mb must be an integer, got 10.5"),
+        ("[cache]\nreserve_mb = \"10\"\n", "cache.reserve_mb must be an integer, got '10'"),
+        ("[mount]\ndrain_seconds = \"5\"\n", "must be a number"),
+        ("[mount]\nallow_other = 1\n", "true or false"),
+        ("[cache]\ndir = 5\n", "cache.dir must be a str"),
         ("[mount]\nallow_other = 'maybe'\n", "true or false"),
         ("not toml = = =", "cannot read"),
     ],
@@ -46,3 +51,29 @@ def test_missing_config_file():
 def test_env_bool_and_int_coercion():
     cfg = config.load(None, {}, {"CKPTFS_MOUNT_ALLOW_OTHER": "false", "CKPTFS_INGEST_PIECE_MB": "8"})
     assert cfg.mount.allow_other is False and cfg.ingest.piece_mb == 8
+
+
+def test_toml_numbers_keep_their_type_where_the_setting_allows():
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write("[mount]\ndrain_seconds = 5\n[cache]\ndurable_after_s = 0.5\n")
+        f.flush()
+        cfg = config.load(f.name, {}, {})
+    assert cfg.mount.drain_seconds == 5.0 and cfg.cache.durable_after_s == 0.5
+
+
+@pytest.mark.parametrize("value", ["10.5", "ten", ""])
+def test_an_environment_error_names_the_variable(value):
+    with pytest.raises(UserError) as e:
+        config.load(None, {}, {"CKPTFS_CACHE_RESERVE_MB": value})
+    assert "CKPTFS_CACHE_RESERVE_MB" in str(e.value) and "must be an integer" in str(e.value)
+
+
+def test_a_misspelled_variable_is_named_in_a_warning(caplog):
+    env = {"CKPTFS_CACHE_RESERV_MB": "10", "CKPTFS_BOOT_ID": "x", "CKPTFS_TEST_DISALLOW_SKIP": "fuse"}
+    with caplog.at_level("WARNING"):
+        cfg = config.load(None, {}, env)
+    assert cfg.cache.reserve_mb == 64  # ignored
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "CKPTFS_CACHE_RESERV_MB" in warned[0] and "CKPTFS_CACHE_RESERVE_MB" in warned[0]
