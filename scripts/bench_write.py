@@ -5,7 +5,11 @@ Saves a ~300 MB model + AdamW state dict (fp32, ~25M parameters) N times into ea
 interleaved (plain, mount, plain, mount, ...), with and without fsync, and times open -> save ->
 [fsync] -> close. Before each mount save it waits until the previous version is ingested (a trainer
 saving every few minutes sees that steady state) and records close -> ``local`` time, i.e. the
-ingest pipeline's throughput. Prints a table and writes JSON.
+ingest pipeline's throughput, and close -> durable (``local``, or a durable mark). A second mount
+with ``cache.durable_after_s = 0`` (every closed file fsync'd at once) takes the no-fsync saves too,
+and a final burst of 3 saves back to back shows the window when ingest is behind. The bytes each
+daemon sent to the cache disk (/proc/PID/io) per byte saved say what a durable mark at close costs.
+Prints a table and writes JSON.
 
     .venv/bin/python scripts/bench_write.py --runs 7 --json bench-write.json
 """
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -64,8 +69,65 @@ def wait_local(path: Path, timeout: float = 600) -> float:
     return time.perf_counter() - t0
 
 
+def wait_durable(path: Path, db: sqlite3.Connection, size: int, timeout: float = 600) -> float:
+    """Seconds until ``path`` survives a power cut: committed (state ``local``: the commit is synced) or
+    staged with a durable mark of its full size (read from the cache's metadata)."""
+    t0 = time.perf_counter()
+    ino = os.stat(path).st_ino
+    while True:
+        if os.getxattr(path, "user.ckptfs.state") != b"staged":
+            return time.perf_counter() - t0
+        row = db.execute(
+            "SELECT v.durable_size FROM inodes i JOIN versions v ON v.id = i.version WHERE i.id=?", (ino,)
+        ).fetchone()
+        if row is not None and row[0] == size:
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{path} not durable after {timeout}s")
+        time.sleep(0.005)
+
+
+def disk_writes(pid: int) -> int:
+    """Bytes process ``pid`` has sent (or will send) to storage: written minus cancelled by deletion or
+    truncation before write-back (/proc/PID/io)."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+class Target:
+    """A ckptfs mount under test (its own cache), with its daemon's disk-write counter."""
+
+    def __init__(self, work: Path, name: str, durable_after: float) -> None:
+        self.name, self.mnt, self.cache = name, work / name, work / f"{name}-cache"
+        self.mnt.mkdir()
+        env = {**os.environ, "CKPTFS_CACHE_DURABLE_AFTER_S": str(durable_after)}
+        subprocess.run([*CKPTFS, "mount", "--cache", str(self.cache), "--store", f"file://{work}/store-{name}",
+                        str(self.mnt)], check=True, env=env)
+        self.pid = int((self.cache / "ckptfs.pid").read_text())
+        self.db = sqlite3.connect(f"file:{self.cache / 'meta.db'}?mode=ro", uri=True)
+        self.written = disk_writes(self.pid)
+        self.last_key: str | None = None
+        self.bytes: dict[str, list[int]] = {}  # variant -> [disk bytes, bytes saved]
+
+    def account(self, key: str | None, saved: int) -> None:
+        """Charge the disk writes since the last call to the previous save, and start a new one."""
+        now = disk_writes(self.pid)
+        if self.last_key is not None:
+            self.bytes[self.last_key][0] += now - self.written
+        self.written, self.last_key = now, key
+        if key is not None:
+            self.bytes.setdefault(key, [0, 0])[1] += saved
+
+    def umount(self) -> None:
+        self.db.close()
+        subprocess.run([*CKPTFS, "umount", str(self.mnt)], check=False)
+
+
+CKPTFS = [sys.executable, "-m", "ckptfs"]
 
 
 def main() -> int:
@@ -77,12 +139,13 @@ def main() -> int:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ckptfs-bench-", dir=args.workdir or "/var/tmp"))
-    plain, mnt, cache = work / "plain", work / "mnt", work / "cache"
-    for d in (plain, mnt):
-        d.mkdir()
-    ckptfs = [sys.executable, "-m", "ckptfs"]
-    subprocess.run([*ckptfs, "mount", "--cache", str(cache), "--store", f"file://{work}/store", str(mnt)], check=True)
+    plain = work / "plain"
+    plain.mkdir()
+    # the default (a closed file gets its own fsync only if ingest has not committed it 2 s after close),
+    # and durable_after_s = 0 (every closed file is fsync'd at once): no-fsync saves only
+    mounts = {"ckptfs": Target(work, "ckptfs", 2.0), "mark@close": Target(work, "mark-at-close", 0.0)}
     results: dict[str, dict[str, list[float]]] = {}
+    durable: dict[str, list[float]] = {}
     ingest_mbps: list[float] = []
     try:
         state = make_state(args.params_m)
@@ -90,21 +153,48 @@ def main() -> int:
         for i in range(args.runs):
             for fsync in (False, True):
                 key = "fsync" if fsync else "no-fsync"
-                res = results.setdefault(key, {"plain": [], "ckptfs": []})
-                order = ("plain", "ckptfs") if i % 2 == 0 else ("ckptfs", "plain")
+                targets = ["plain", "ckptfs"] + ([] if fsync else ["mark@close"])
+                res = results.setdefault(key, {t: [] for t in targets})
+                order = targets if i % 2 == 0 else targets[::-1]
                 for target in order:
                     perturb(state, i)
                     name = f"step_{i:06d}_{key}.pt"
-                    path = (plain if target == "plain" else mnt) / name
+                    m = mounts.get(target)
+                    path = (plain if m is None else m.mnt) / name
+                    if m is not None:
+                        m.account(key, 0)
                     res[target].append(timed_save(state, path, fsync))
                     size = path.stat().st_size
-                    if target == "ckptfs":
-                        ingest_mbps.append(size / 1e6 / wait_local(path))
-                    else:
+                    if m is None:
                         path.unlink()
-        stats = subprocess.run([*ckptfs, "stats", "--json", str(mnt)], check=True, capture_output=True, text=True)
+                        continue
+                    m.bytes[key][1] += size
+                    d = wait_durable(path, m.db, size)
+                    durable.setdefault(f"{target} {key}", []).append(d)
+                    secs = d + wait_local(path)  # close -> local
+                    if target == "ckptfs":
+                        ingest_mbps.append(size / 1e6 / max(secs, 1e-3))
+        # back to back, as a trainer saving faster than ingest: each save closes while the last is ingested
+        m = mounts["ckptfs"]
+        m.account("back-to-back", 0)
+        paths = []
+        for j in range(3):
+            perturb(state, 100 + j)
+            p = m.mnt / f"burst_{j}.pt"
+            timed_save(state, p, False)
+            paths.append(p)
+            m.bytes["back-to-back"][1] += p.stat().st_size
+            durable.setdefault("ckptfs back-to-back", []).append(wait_durable(p, m.db, p.stat().st_size))
+        for p in paths:
+            wait_local(p)
+        time.sleep(3)  # deletions of staging files happen after the commits are durable
+        for mm in mounts.values():
+            mm.account(None, 0)
+        stats = subprocess.run([*CKPTFS, "stats", "--json", str(mounts["ckptfs"].mnt)], check=True,
+                               capture_output=True, text=True)
     finally:
-        subprocess.run([*ckptfs, "umount", str(mnt)], check=False)
+        for mm in mounts.values():
+            mm.umount()
         shutil.rmtree(work, ignore_errors=True)
 
     out = {
@@ -113,24 +203,32 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "variants": {},
         "ingest_MBps": summary(ingest_mbps),
+        "close_to_durable_s": {k: summary(v) for k, v in durable.items()},
+        "disk_bytes_per_byte_saved": {
+            f"{name} {key}": round(w / max(n, 1), 3) for name, mm in mounts.items() for key, (w, n) in mm.bytes.items()
+        },
         "ckptfs_stats": json.loads(stats.stdout)["total"],
     }
     print(f"torch.save of a {size / 1e6:.0f} MB model+AdamW state dict, {args.runs} interleaved runs each")
-    print(f"{'variant':<10} {'target':<8} {'min s':>7} {'median s':>9} {'max s':>7}")
+    print(f"{'variant':<10} {'target':<10} {'min s':>7} {'median s':>9} {'max s':>7}")
     for key, res in results.items():
-        entry = {t: summary(v) for t, v in res.items()}
-        ratios = [m / p for m, p in zip(res["ckptfs"], res["plain"], strict=True)]
-        entry["ratio_of_medians"] = entry["ckptfs"]["median"] / entry["plain"]["median"]
-        entry["paired_ratio"] = summary(ratios)
+        entry: dict[str, object] = {t: summary(v) for t, v in res.items()}
+        for t in res:
+            s = summary(res[t])
+            print(f"{key:<10} {t:<10} {s['min']:>7.3f} {s['median']:>9.3f} {s['max']:>7.3f}")
+        for t in [t for t in res if t != "plain"]:
+            pr = summary([m / p for m, p in zip(res[t], res["plain"], strict=True)])
+            entry[f"paired_ratio {t}"] = pr
+            print(f"{key:<10} {t + '/plain':<10} {pr['min']:>7.2f} {pr['median']:>9.2f} {pr['max']:>7.2f}")
         out["variants"][key] = entry
-        for t in ("plain", "ckptfs"):
-            s = entry[t]
-            print(f"{key:<10} {t:<8} {s['min']:>7.3f} {s['median']:>9.3f} {s['max']:>7.3f}")
-        pr = entry["paired_ratio"]
-        print(f"{key:<10} {'ratio':<8} {pr['min']:>7.2f} {pr['median']:>9.2f} {pr['max']:>7.2f}"
-              f"   (ratio of medians {entry['ratio_of_medians']:.2f})")
     im = out["ingest_MBps"]
     print(f"ingest close->local MB/s: min {im['min']:.0f} median {im['median']:.0f} max {im['max']:.0f}")
+    print("close -> durable (s):")
+    for k, s in out["close_to_durable_s"].items():
+        print(f"  {k:<28} min {s['min']:.3f} median {s['median']:.3f} max {s['max']:.3f}")
+    print("bytes written to the cache disk per byte saved:")
+    for k, v in out["disk_bytes_per_byte_saved"].items():
+        print(f"  {k:<28} {v:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
