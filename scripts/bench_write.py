@@ -102,10 +102,11 @@ class Target:
     """A ckptfs mount under test (its own cache), with its daemon's disk-write counter."""
 
     def __init__(self, work: Path, name: str, durable_after: float) -> None:
-        self.name, self.mnt, self.cache = name, work / name, work / f"{name}-cache"
+        slug = name.replace("@", "-at-")
+        self.name, self.mnt, self.cache = name, work / slug, work / f"{slug}-cache"
         self.mnt.mkdir()
         env = {**os.environ, "CKPTFS_CACHE_DURABLE_AFTER_S": str(durable_after)}
-        subprocess.run([*CKPTFS, "mount", "--cache", str(self.cache), "--store", f"file://{work}/store-{name}",
+        subprocess.run([*CKPTFS, "mount", "--cache", str(self.cache), "--store", f"file://{work}/store-{slug}",
                         str(self.mnt)], check=True, env=env)
         self.pid = int((self.cache / "ckptfs.pid").read_text())
         self.db = sqlite3.connect(f"file:{self.cache / 'meta.db'}?mode=ro", uri=True)
@@ -141,41 +142,49 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ckptfs-bench-", dir=args.workdir or "/var/tmp"))
     plain = work / "plain"
     plain.mkdir()
-    # the default (a closed file gets its own fsync only if ingest has not committed it 2 s after close),
-    # and durable_after_s = 0 (every closed file is fsync'd at once): no-fsync saves only
-    mounts = {"ckptfs": Target(work, "ckptfs", 2.0), "mark@close": Target(work, "mark-at-close", 0.0)}
     results: dict[str, dict[str, list[float]]] = {}
     durable: dict[str, list[float]] = {}
     ingest_mbps: list[float] = []
-    try:
-        state = make_state(args.params_m)
-        size = 0
-        for i in range(args.runs):
-            for fsync in (False, True):
+    disk_bytes: dict[str, float] = {}
+    state = make_state(args.params_m)
+    size = 0
+
+    def series(m: Target, variants: tuple[bool, ...], runs: int, label: str = "") -> None:
+        """``runs`` interleaved saves into ``m`` and the plain directory per variant (False = no fsync)."""
+        nonlocal size
+        for i in range(runs):
+            for fsync in variants:
                 key = "fsync" if fsync else "no-fsync"
-                targets = ["plain", "ckptfs"] + ([] if fsync else ["mark@close"])
-                res = results.setdefault(key, {t: [] for t in targets})
-                order = targets if i % 2 == 0 else targets[::-1]
-                for target in order:
+                res = results.setdefault(key + label, {"plain": [], m.name: []})
+                for target in (("plain", m.name) if i % 2 == 0 else (m.name, "plain")):
                     perturb(state, i)
                     name = f"step_{i:06d}_{key}.pt"
-                    m = mounts.get(target)
-                    path = (plain if m is None else m.mnt) / name
-                    if m is not None:
+                    path = (plain if target == "plain" else m.mnt) / name
+                    if target != "plain":
                         m.account(key, 0)
                     res[target].append(timed_save(state, path, fsync))
                     size = path.stat().st_size
-                    if m is None:
+                    if target == "plain":
                         path.unlink()
                         continue
                     m.bytes[key][1] += size
                     d = wait_durable(path, m.db, size)
-                    durable.setdefault(f"{target} {key}", []).append(d)
+                    durable.setdefault(f"{m.name} {key}", []).append(d)
                     secs = d + wait_local(path)  # close -> local
-                    if target == "ckptfs":
+                    if m.name == "ckptfs":
                         ingest_mbps.append(size / 1e6 / max(secs, 1e-3))
+
+    def settle(m: Target) -> None:
+        time.sleep(3)  # staging files are deleted once the commits are durable
+        m.account(None, 0)
+        for key, (w, n) in m.bytes.items():
+            disk_bytes[f"{m.name} {key}"] = round(w / max(n, 1), 3)
+
+    # One ckptfs daemon at a time: an idle one compacts (pcodec) while the other is measured.
+    m = Target(work, "ckptfs", 2.0)  # the default: an fsync of its own only if not committed 2 s after close
+    try:
+        series(m, (False, True), args.runs)
         # back to back, as a trainer saving faster than ingest: each save closes while the last is ingested
-        m = mounts["ckptfs"]
         m.account("back-to-back", 0)
         paths = []
         for j in range(3):
@@ -187,14 +196,16 @@ def main() -> int:
             durable.setdefault("ckptfs back-to-back", []).append(wait_durable(p, m.db, p.stat().st_size))
         for p in paths:
             wait_local(p)
-        time.sleep(3)  # deletions of staging files happen after the commits are durable
-        for mm in mounts.values():
-            mm.account(None, 0)
-        stats = subprocess.run([*CKPTFS, "stats", "--json", str(mounts["ckptfs"].mnt)], check=True,
-                               capture_output=True, text=True)
+        settle(m)
+        stats = subprocess.run([*CKPTFS, "stats", "--json", str(m.mnt)], check=True, capture_output=True, text=True)
     finally:
-        for mm in mounts.values():
-            mm.umount()
+        m.umount()
+    mark = Target(work, "mark@close", 0.0)  # every closed file fsync'd at once
+    try:
+        series(mark, (False,), args.runs, " (mark@close)")
+        settle(mark)
+    finally:
+        mark.umount()
         shutil.rmtree(work, ignore_errors=True)
 
     out = {
@@ -204,9 +215,7 @@ def main() -> int:
         "variants": {},
         "ingest_MBps": summary(ingest_mbps),
         "close_to_durable_s": {k: summary(v) for k, v in durable.items()},
-        "disk_bytes_per_byte_saved": {
-            f"{name} {key}": round(w / max(n, 1), 3) for name, mm in mounts.items() for key, (w, n) in mm.bytes.items()
-        },
+        "disk_bytes_per_byte_saved": disk_bytes,
         "ckptfs_stats": json.loads(stats.stdout)["total"],
     }
     print(f"torch.save of a {size / 1e6:.0f} MB model+AdamW state dict, {args.runs} interleaved runs each")

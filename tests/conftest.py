@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 # libfuse reports a reply to a request the kernel already dropped (a release racing the unmount).
 _BENIGN = re.compile(r"pyfuse3: fuse_\w+\(\): fuse_reply_\* failed with No such file or directory")
@@ -130,12 +132,7 @@ class Mount:
         if os.path.ismount(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
 
     def state(self, rel: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
 from pathlib import Path
 
 
@@ -63,3 +65,13 @@ def flip_stored_byte(cache: Path, cid: bytes, pos: int = -1) -> None:
             path.write_bytes(bytes(frame))
     finally:
         db.close()
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Send ``sig``, wait up to ``timeout`` s, then SIGKILL."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

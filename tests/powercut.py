@@ -48,6 +48,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from tests.helpers import stop_process
+
 PAGE = 4096
 ROOT = pyfuse3.ROOT_INODE
 
@@ -489,12 +491,7 @@ class PowerCutDisk:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)  # SIGTERM: the power cut
             self.proc = None
         if os.path.ismount(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)

@@ -92,6 +92,7 @@ def test_an_exception_in_a_background_job_or_a_handler_gives_failsafe_mode(mount
 @pytest.mark.slow
 def test_unwritable_metadata_gives_failsafe_mode_and_nothing_committed_is_lost(mount_factory, tmp_path):
     disk = PowerCutDisk(tmp_path).start()
+    m = None
     try:
         m = mount_factory(cache=disk.mnt / "cache")
         m.expect_errors = True
@@ -118,8 +119,6 @@ def test_unwritable_metadata_gives_failsafe_mode_and_nothing_committed_is_lost(m
         res = m.cli("fsck", "--cache", str(m.cache), "--verify-data")
         assert " 0 problems" in res.stdout, res.stdout
     finally:
-        for mm in ():
-            mm.cleanup()
-        if m.proc is not None:
-            m.cleanup()
+        if m is not None:
+            m.cleanup()  # before the disk: the daemon's files live there
         disk.stop()

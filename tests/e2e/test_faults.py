@@ -120,3 +120,24 @@ def test_committed_files_survive_unmount_remount_many_times(mount_factory):
             assert m.path(name).read_bytes() == data
     assert digest(m.path("r0_0")) == digest(m.path("r0_0"))
     m.umount()
+
+
+def test_a_missing_chunk_answers_eio_not_enoent(mount_factory):
+    """A resume loop reads ENOENT as "no checkpoint here": a lost chunk must be EIO."""
+    m = mount_factory()
+    m.expect_errors = True
+    data = os.urandom(3 << 20)
+    m.path("ck.bin").write_bytes(data)
+    m.wait_local("ck.bin")
+    m.umount()
+    victim = _chunk_files(m.cache)[0]
+    victim.unlink()
+    m.start()
+    assert m.path("ck.bin").exists() and os.stat(m.path("ck.bin")).st_size == len(data)
+    with pytest.raises(OSError) as e:
+        m.path("ck.bin").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert "missing from the local cache" in m.log()
+    res = m.cli("fsck", "--cache", str(m.cache), check=False)
+    assert res.returncode == 1 and "missing" in res.stdout
+    m.umount()

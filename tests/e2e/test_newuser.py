@@ -46,9 +46,8 @@ def test_mount_again_after_kill9_and_umount_of_the_dead_mount(tmp_path):
 
 
 def test_a_folder_named_ckptfs_in_the_current_directory_does_not_break_mount(tmp_path):
-    """The daemon is started with ``python -P -m ckptfs`` in ``/``. (With this repository's editable install
-    the package is found by a meta-path finder before the current directory, so here this test passes on
-    the old code too; with a regular install the folder shadowed the package.)"""
+    """The daemon is started with ``python -P -m ckptfs`` in ``/``; ``python -m ckptfs`` in the current
+    directory imported the folder instead of the package."""
     (tmp_path / "ckptfs").mkdir()
     (tmp_path / "ckptfs" / "__init__.py").write_text("raise SystemExit('the wrong ckptfs')\n")
     mnt = tmp_path / "mnt"

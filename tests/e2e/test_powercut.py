@@ -72,7 +72,9 @@ def test_closed_but_not_yet_durable_goes_back_to_the_previous_version(mount_fact
     m = _mount(mount_factory, disk)
     v1, v2, fresh, half = _data(1), _data(2), _data(3), _data(4)[: 1 << 20]
     m.path("ck.pt").write_bytes(v1)
-    m.wait_local("ck.pt")  # durable: committed, and the commit synced
+    m.path("rw.pt").write_bytes(v1)
+    m.path("cut.pt").write_bytes(v1)
+    m.wait_local("ck.pt", "rw.pt", "cut.pt")  # durable: committed, and the commits synced
     writing = open(m.path("open.pt"), "wb")  # a checkpoint half written when the power goes
     writing.write(half)
     writing.flush()
@@ -83,14 +85,21 @@ def test_closed_but_not_yet_durable_goes_back_to_the_previous_version(mount_fact
     disk.stall()  # from here on nothing reaches the disk: no ingest commit, no durable mark
     m.path("ck.pt").write_bytes(v2)
     m.path("new.pt").write_bytes(fresh)
+    with open(m.path("rw.pt"), "r+b") as f:  # no O_TRUNC: the committed content is copied, then changed
+        f.seek(1000)
+        f.write(b"changed in place")
+    os.truncate(m.path("cut.pt"), 12345)
     assert m.path("ck.pt").read_bytes() == v2  # served from the staging file meanwhile
+    assert m.path("rw.pt").read_bytes()[1000:1016] == b"changed in place"
+    assert os.stat(m.path("cut.pt")).st_size == 12345
     assert m.state("ck.pt") == "staged"
     _cut_and_reboot(m, disk, torn)
     try:
         writing.close()
     except OSError:
         pass  # its mount died with the daemon
-    assert m.path("ck.pt").read_bytes() == v1
+    for name in ("ck.pt", "rw.pt", "cut.pt"):  # each back to its committed version, whole
+        assert m.path(name).read_bytes() == v1, name
     assert m.path("sync.txt").read_bytes() == b"x"
     assert not m.path("open.pt").exists() and not m.path("new.pt").exists()
     lost = _lost_and_found(m)
@@ -99,7 +108,7 @@ def test_closed_but_not_yet_durable_goes_back_to_the_previous_version(mount_fact
     if torn is None:  # nothing of it was synced: the staging file came back empty
         assert set(lost.values()) == {_sha(b"")}
     assert "lost+found/open.pt" in m.log()
-    m.wait_local("ck.pt")
+    m.wait_local("ck.pt", "rw.pt", "cut.pt")
     _fsck_clean(m)
     res = m.cli("fsck", "--cache", str(m.cache))
     assert "lost+found" in res.stdout

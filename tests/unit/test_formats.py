@@ -198,3 +198,25 @@ def test_cdc_small_and_empty(tmp_path):
         assert cdc_pieces(fd, 0, 65536) == []
     finally:
         os.close(fd)
+
+
+def test_cdc_streams_the_file_and_a_shrinking_one_is_an_error_not_a_crash(tmp_path):
+    """Content-defined chunking reads with pread (no mmap: a truncate under a mapping is SIGBUS) and cuts
+    exactly where FastCDC over the whole buffer would."""
+    from pyfastcdc import FastCDC
+
+    from ckptfs.errors import FileChanged
+
+    data = os.urandom(9 << 20) + bytes(2 << 20) + os.urandom(3 << 20)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        got = [(p.offset, p.length) for p in cdc_pieces(fd, len(data), 1 << 20)]
+        ref = [(c.offset, c.length) for c in FastCDC(1 << 20, min_size=1 << 18, max_size=1 << 22).cut_buf(data)]
+        assert got == ref
+        os.ftruncate(fd, len(data) // 2)  # a writer truncated the staging file meanwhile
+        with pytest.raises(FileChanged):
+            cdc_pieces(fd, len(data), 1 << 20)
+    finally:
+        os.close(fd)
