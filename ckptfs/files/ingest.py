@@ -12,15 +12,18 @@ Runs in the background; no FUSE request ever waits for it. Per version:
    read + hashed first and encoded only when new
 4. fsync the chunk directories                                                [worker thread]
 5. commit in one transaction, only if the version is still sealed with the same gen: extents,
-   refcounts, state 'local', drop older versions of the inode                 [trio thread, atomic]
-6. collect chunks that lost their last reference                              [trio thread]
-7. fsync the WAL (the commit is durable), then delete the staging file        [worker thread]
+   refcounts, state 'local', drop the inode's fallback versions             [trio thread, atomic]
+6. collect chunks that lost their last reference (their files are queued) [trio thread]
+7. fsync the WAL (the commit is durable; the state reads 'local' only now); ``files.reclaim`` then
+   deletes the staging files and the collected chunks' files              [worker threads]
 
-A failure (cache full, I/O error) leaves the version staged and retries it later with backoff; the
-data stays readable from the staging file. A crash anywhere before 5 leaves the version staged and
-start-up re-queues it; chunk rows left at refcount 0 are collected at start-up. SQLite commits are not
-fsync'd (WAL, synchronous=NORMAL), so without 7's order a power loss could undo the commit after the
-staging file was gone; a crash between 5 and 7 leaves a stray staging file, deleted at start-up.
+A full disk or a passing I/O error leaves the version staged and retries it later with backoff; the
+data stays readable from the staging file. An unexpected error, unwritable metadata or a cache-disk
+I/O error puts the daemon in failsafe mode (``health``). A crash anywhere before 5 leaves the version
+staged and start-up re-queues it; chunk rows left at refcount 0 are collected at start-up. SQLite
+commits are not fsync'd (WAL, synchronous=NORMAL), so without 7's order a power loss could undo the
+commit after the staging file was gone; a crash between 5 and 7 leaves a stray staging file, deleted
+at start-up.
 
 The ingester also runs the two background jobs that re-encode stored chunks, each taking the gate
 that ingest jobs share alone (``files.gate``) and both waiting for a pause in writes (``busy``):
