@@ -275,7 +275,11 @@ class FileContents:
                 act.fsyncing = None
                 event.set()
         if act is None or act.gone:
-            await self.workers.run_foreground(self.db.sync_wal)  # committed: make that commit durable
+            await self.sync_metadata()  # committed: make that commit durable
+
+    async def sync_metadata(self) -> None:
+        """Make every metadata transaction so far durable (WAL fsync, foreground thread). Raises ``OSError``."""
+        await self.workers.run_foreground(self.db.sync_wal)
 
     # -- reading -------------------------------------------------------------------------------
 

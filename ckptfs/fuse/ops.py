@@ -264,9 +264,9 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: FileHandleT) -> None:
         return None
 
-    @_edge()
+    @_edge(writes=True)
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
-        return None
+        await self.tree.sync_namespace()
 
     @_edge()
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:

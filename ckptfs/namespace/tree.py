@@ -456,6 +456,11 @@ class Tree:
     async def fsync(self, fh: int) -> None:
         await self.contents.fsync(self.handle(fh).inode)
 
+    async def sync_namespace(self) -> None:
+        """fsync(2) of a directory: every namespace change so far (create, rename, unlink, ...) is durable
+        once the WAL is synced. Checkpoints."""
+        await self.contents.sync_metadata()
+
     def state(self, ino: InodeId) -> VersionState | None:
         return self.contents.state(ino)
 

@@ -82,23 +82,29 @@ def test_closed_but_not_yet_durable_goes_back_to_the_previous_version(mount_fact
         f.write(b"x")
         f.flush()
         os.fsync(f.fileno())
+    m.wait_local("sync.txt")  # its ingest syncs the WAL too: be done with that before the rename
+    os.rename(m.path("cut.pt"), m.path("moved.pt"))  # rename + fsync(directory): the rename is durable
+    d = os.open(m.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(d)
+    os.close(d)
     disk.stall()  # from here on nothing reaches the disk: no ingest commit, no durable mark
     m.path("ck.pt").write_bytes(v2)
     m.path("new.pt").write_bytes(fresh)
     with open(m.path("rw.pt"), "r+b") as f:  # no O_TRUNC: the committed content is copied, then changed
         f.seek(1000)
         f.write(b"changed in place")
-    os.truncate(m.path("cut.pt"), 12345)
+    os.truncate(m.path("moved.pt"), 2 << 20)  # to a non-zero size: a copy of the committed content
     assert m.path("ck.pt").read_bytes() == v2  # served from the staging file meanwhile
     assert m.path("rw.pt").read_bytes()[1000:1016] == b"changed in place"
-    assert os.stat(m.path("cut.pt")).st_size == 12345
+    assert os.stat(m.path("moved.pt")).st_size == 2 << 20
     assert m.state("ck.pt") == "staged"
     _cut_and_reboot(m, disk, torn)
     try:
         writing.close()
     except OSError:
         pass  # its mount died with the daemon
-    for name in ("ck.pt", "rw.pt", "cut.pt"):  # each back to its committed version, whole
+    assert not m.path("cut.pt").exists()  # its rename was made durable by the fsync of the directory
+    for name in ("ck.pt", "rw.pt", "moved.pt"):  # each back to its committed version, whole
         assert m.path(name).read_bytes() == v1, name
     assert m.path("sync.txt").read_bytes() == b"x"
     assert not m.path("open.pt").exists() and not m.path("new.pt").exists()
@@ -108,7 +114,7 @@ def test_closed_but_not_yet_durable_goes_back_to_the_previous_version(mount_fact
     if torn is None:  # nothing of it was synced: the staging file came back empty
         assert set(lost.values()) == {_sha(b"")}
     assert "lost+found/open.pt" in m.log()
-    m.wait_local("ck.pt", "rw.pt", "cut.pt")
+    m.wait_local("ck.pt", "rw.pt", "moved.pt")
     _fsck_clean(m)
     res = m.cli("fsck", "--cache", str(m.cache))
     assert "lost+found" in res.stdout
