@@ -102,24 +102,16 @@ def _coerce(where: str, raw: Any, typ: type[Any], text: bool) -> Any:
         if text and isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
             return raw.lower() in {"1", "true", "yes", "on"}
         raise UserError(f"config: {where} must be true or false, got {raw!r}")
-    if typ is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
+    if typ in (int, float):  # an int is also a float, never the other way round
+        accepted = (int,) if typ is int else (int, float)
+        if isinstance(raw, accepted) and not isinstance(raw, bool):
+            return typ(raw)
         if text and isinstance(raw, str):
             try:
-                return int(raw.strip())
+                return typ(raw.strip())
             except ValueError:
                 pass
-        raise UserError(f"config: {where} must be an integer, got {raw!r}")
-    if typ is float:
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-        if text and isinstance(raw, str):
-            try:
-                return float(raw.strip())
-            except ValueError:
-                pass
-        raise UserError(f"config: {where} must be a number, got {raw!r}")
+        raise UserError(f"config: {where} must be {'an integer' if typ is int else 'a number'}, got {raw!r}")
     if typ is str and isinstance(raw, str):
         return raw
     raise UserError(f"config: {where} must be a {typ.__name__}, got {raw!r}")

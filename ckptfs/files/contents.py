@@ -391,7 +391,7 @@ class FileContents:
                 continue
             fd, size = opened
             self.versions.revert(inode, chosen, size)
-            act = Active(chosen.id, inode, fd, chosen.staging or self.staging.name(chosen.id), size)
+            act = Active(chosen.id, inode, fd, self._staging_name(chosen), size)
             if not same_boot and not lost:
                 act.marked_gen, act.dir_synced = act.gen, True  # hashed to its mark just now
             self.active[inode] = act
@@ -403,7 +403,7 @@ class FileContents:
     def _open_valid(self, v: VersionRow, same_boot: bool) -> tuple[int, int] | None:
         """(fd, size) of a staged version that recovery may show, or None."""
         try:
-            fd = self.staging.open(v.staging or self.staging.name(v.id))
+            fd = self.staging.open(self._staging_name(v))
         except FileNotFoundError:
             if v.durable_size == 0:  # durably empty: there was nothing to write
                 return self.staging.create(v.id), 0
@@ -411,21 +411,24 @@ class FileContents:
         size = os.fstat(fd).st_size
         if same_boot:
             return fd, size
-        ok = v.durable_size is not None and v.durable_hash is not None and size >= v.durable_size
+        marked = v.durable_size
         try:
-            ok = ok and hash_prefix(fd, v.durable_size or 0) == v.durable_hash
+            ok = marked is not None and size >= marked and hash_prefix(fd, marked) == v.durable_hash
         except FileChanged:
             ok = False
-        if not ok:
+        if not ok or marked is None:
             os.close(fd)
             return None
-        os.ftruncate(fd, v.durable_size or 0)
-        return fd, v.durable_size or 0
+        os.ftruncate(fd, marked)
+        return fd, marked
 
     def _open_any(self, v: VersionRow) -> tuple[int, int]:
         """(fd, size) of a staged version as its staging file holds it (an empty one if it is gone)."""
         try:
-            fd = self.staging.open(v.staging or self.staging.name(v.id))
+            fd = self.staging.open(self._staging_name(v))
         except FileNotFoundError:
             fd = self.staging.create(v.id)
         return fd, os.fstat(fd).st_size
+
+    def _staging_name(self, v: VersionRow) -> str:
+        return v.staging or self.staging.name(v.id)

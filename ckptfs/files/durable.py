@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 import xxhash
@@ -61,7 +61,7 @@ class Active:
     dir_synced: bool = False  # the staging file's directory entry is durable
     fsyncing: trio.Event | None = None  # set while a foreground fsync hashes the file: writes wait
     gone: bool = False  # committed, superseded or deleted: no longer the inode's staged version
-    sealed_at: float = field(default=0.0)  # time.monotonic() of the last seal
+    sealed_at: float = 0.0  # time.monotonic() of the last seal
 
     @property
     def durable(self) -> bool:
