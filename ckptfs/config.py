@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -52,6 +53,30 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class S3Config:
+    """How to reach an ``s3://`` store. Empty strings leave the value to boto3's standard chain
+    (``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/``, ...)."""
+
+    endpoint: str = ""  # e.g. http://127.0.0.1:8333 for a server that is not AWS
+    region: str = ""
+    addressing_style: str = "auto"  # auto | path | virtual
+    profile: str = ""  # a profile of ~/.aws/config
+    access_key_id: str = ""  # prefer the environment or a profile; never logged
+    secret_access_key: str = ""
+    concurrency: int = 8  # requests in flight at once
+    retries: int = 8  # attempts per request on 5xx, SlowDown, timeouts and resets (backoff with jitter)
+    multipart_mb: int = 64  # objects above this go up as multipart uploads in parts of this size
+    timeout_s: float = 30.0  # connect and read timeout of one request
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """This node's identity in a shared bucket."""
+
+    id: str = ""  # default: the host name (CKPTFS_NODE_ID)
+
+
+@dataclass(frozen=True, slots=True)
 class IngestConfig:
     """The background pipeline that turns staged versions into chunks."""
 
@@ -80,11 +105,20 @@ class MountConfig:
 class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    node: NodeConfig = field(default_factory=NodeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     mount: MountConfig = field(default_factory=MountConfig)
 
 
-_SECTIONS = {"cache": CacheConfig, "store": StoreConfig, "ingest": IngestConfig, "mount": MountConfig}
+_SECTIONS = {
+    "cache": CacheConfig,
+    "store": StoreConfig,
+    "s3": S3Config,
+    "node": NodeConfig,
+    "ingest": IngestConfig,
+    "mount": MountConfig,
+}
 
 
 # Variables that are not settings: the config file, and hooks for tests (docs: README, "Configuration").
@@ -216,6 +250,23 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config: cache.dir must not contain a comma: {cfg.cache.dir}")
     if cfg.mount.drain_seconds < 0:
         raise UserError("config: mount.drain_seconds must be >= 0")
+    s3 = cfg.s3
+    if s3.addressing_style not in ("auto", "path", "virtual"):
+        raise UserError(f"config: s3.addressing_style must be auto, path or virtual, got {s3.addressing_style!r}")
+    if not 1 <= s3.concurrency <= 256 or not 1 <= s3.retries <= 100:
+        raise UserError("config: s3.concurrency must be within 1..256 and s3.retries within 1..100")
+    if not 5 <= s3.multipart_mb <= 5120:
+        raise UserError(f"config: s3.multipart_mb must be within 5..5120 (S3's part sizes), got {s3.multipart_mb}")
+    if not 0 < s3.timeout_s <= 3600:
+        raise UserError(f"config: s3.timeout_s must be within 0..3600, got {s3.timeout_s}")
+    if bool(s3.access_key_id) != bool(s3.secret_access_key):
+        raise UserError("config: s3.access_key_id and s3.secret_access_key must be given together")
+    if s3.endpoint and not s3.endpoint.startswith(("http://", "https://")):
+        raise UserError(f"config: s3.endpoint must be an http:// or https:// URL, got {s3.endpoint!r}")
+    node_id = cfg.node.id or socket.gethostname()
+    if not node_id or not all(ch.isalnum() or ch in "-_." for ch in node_id) or len(node_id) > 64:
+        raise UserError(f"config: node.id must be 1..64 letters, digits, '-', '_' or '.', got {node_id!r}")
+    cfg = replace(cfg, node=replace(cfg.node, id=node_id))
     if not 0 <= cfg.cache.durable_after_s <= 3600:
         raise UserError(f"config: cache.durable_after_s must be within 0..3600, got {cfg.cache.durable_after_s}")
     return cfg

@@ -55,7 +55,7 @@ LOCK_NAME = "lock"
 LOG_NAME = "ckptfs.log"
 
 
-def preflight(cfg: Config, mountpoint: str) -> None:
+def preflight(cfg: Config, mountpoint: str, create_bucket: bool = False) -> None:
     """Check everything a mount needs; raise ``UserError`` with one clear line on the first problem."""
     mp = Path(mountpoint)
     try:
@@ -97,7 +97,10 @@ def preflight(cfg: Config, mountpoint: str) -> None:
             f" {disk // MiB} MiB: every write would fail"
         )
     try:
-        open_store(cfg.store.url).check()
+        store = open_store(cfg.store.url, cfg.s3)
+        if create_bucket and store.create():
+            log.info("created %s", cfg.store.url)
+        store.check()
     except BackendError as exc:
         raise UserError(f"store: {exc}") from None
 
@@ -374,11 +377,11 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
             pyfuse3.close(unmount=False)
 
 
-def run(cfg: Config, mountpoint: str, ready: Callable[[str | None], None]) -> int:
+def run(cfg: Config, mountpoint: str, ready: Callable[[str | None], None], create_bucket: bool = False) -> int:
     """Mount and serve until unmounted. ``ready(None)`` once mounted, ``ready(message)`` on a pre-flight error."""
     os.umask(0o077)  # every file the daemon creates in the cache (and its log) is private
     try:
-        preflight(cfg, mountpoint)
+        preflight(cfg, mountpoint, create_bucket)
         lock_fd = lock_cache(cfg.cache.dir)
     except UserError as exc:
         ready(str(exc))

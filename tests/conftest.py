@@ -60,11 +60,14 @@ def _require_fuse(request):
 class Mount:
     """A ckptfs daemon in a subprocess (``ckptfs mount --foreground``) and its mountpoint."""
 
-    def __init__(self, base: Path, env: dict[str, str] | None = None, cache: Path | None = None) -> None:
+    def __init__(
+        self, base: Path, env: dict[str, str] | None = None, cache: Path | None = None, store: str | None = None
+    ) -> None:
         self.base = base
         self.mnt = base / "mnt"
         self.cache = cache or base / "cache"
         self.store = base / "store"
+        self.store_url = store or f"file://{self.store}"
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +86,7 @@ class Mount:
         log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ckptfs", "mount", "--foreground", "--cache", str(self.cache),
-             "--store", f"file://{self.store}", str(self.mnt)],
+             "--store", self.store_url, str(self.mnt)],
             stdout=log, stderr=log, env=self.env,
         )
         log.close()
@@ -158,8 +161,10 @@ class Mount:
 def mount_factory(tmp_path):
     mounts: list[Mount] = []
 
-    def make(env: dict[str, str] | None = None, cache: Path | None = None, start: bool = True) -> Mount:
-        m = Mount(tmp_path / f"m{len(mounts)}", env, cache)
+    def make(
+        env: dict[str, str] | None = None, cache: Path | None = None, start: bool = True, store: str | None = None
+    ) -> Mount:
+        m = Mount(tmp_path / f"m{len(mounts)}", env, cache, store)
         mounts.append(m)
         return m.start() if start else m
 
@@ -174,3 +179,19 @@ def mount(mount_factory):
     yield m
     if m.proc is not None:
         m.umount()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS server on loopback for the whole session (tests that stop it use their own)."""
+    from tests.s3server import running_server
+
+    server = running_server(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the session's server."""
+    return s3_server.new_bucket()

@@ -10,6 +10,13 @@ from collections.abc import Iterator
 from typing import Protocol
 
 
+def checked_key(key: str) -> str:
+    """``key`` if it is a relative path with no ``..`` (every store refuses the others alike)."""
+    if not key or key.startswith("/") or ".." in key.split("/"):
+        raise ValueError(f"bad object key {key!r}")
+    return key
+
+
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` atomically (readers see all of it or nothing)."""
@@ -25,6 +32,9 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove ``key``; no error when it does not exist."""
+
+    def create(self) -> bool:
+        """Create the container (bucket, directory) if it does not exist; True if it was created."""
 
     def check(self) -> None:
         """Verify the store is reachable and writable. Raises ``PermanentBackendError`` with a clear message."""

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ckptfs.backend.base import checked_key
 from ckptfs.errors import ObjectNotFound, PermanentBackendError
 
 
@@ -17,9 +18,7 @@ class LocalDirStore:
         self.root = Path(root)
 
     def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"bad object key {key!r}")
-        return self.root / key
+        return self.root / checked_key(key)
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -63,6 +62,11 @@ class LocalDirStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def create(self) -> bool:
+        made = not self.root.is_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        return made
 
     def check(self) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from ckptfs.backend.base import checked_key
 from ckptfs.errors import ObjectNotFound
 
 
@@ -15,7 +16,7 @@ class MemoryStore:
 
     def put(self, key: str, data: bytes) -> None:
         with self._lock:
-            self._objects[key] = bytes(data)
+            self._objects[checked_key(key)] = bytes(data)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         with self._lock:
@@ -36,6 +37,9 @@ class MemoryStore:
     def delete(self, key: str) -> None:
         with self._lock:
             self._objects.pop(key, None)
+
+    def create(self) -> bool:
+        return False
 
     def check(self) -> None:
         return None

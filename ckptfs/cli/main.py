@@ -65,10 +65,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 pass
             ready_fd = None
 
-        return daemon.run(cfg, mountpoint, ready)
+        return daemon.run(cfg, mountpoint, ready, create_bucket=args.create_bucket)
     # Background: check in this process for quick, clear errors, then start the daemon and wait for it.
     os.umask(0o077)  # the log and everything else in the cache directory are private
-    daemon.preflight(cfg, mountpoint)
+    daemon.preflight(cfg, mountpoint, create_bucket=args.create_bucket)
     os.close(daemon.lock_cache(cfg.cache.dir))  # raises if a daemon holds the cache; a stale pid file is fine
     rfd, wfd = os.pipe()
     # -P and cwd=/: a folder named "ckptfs" in the current directory must not shadow the package
@@ -253,7 +253,8 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount ckptfs (daemonizes once mounted unless --foreground)")
     common(m)
-    m.add_argument("--store", help="object store URL, e.g. file:///var/lib/ckptfs/objects")
+    m.add_argument("--store", help="object store URL: file:///var/lib/ckptfs/objects, s3://bucket/prefix")
+    m.add_argument("--create-bucket", action="store_true", help="create the store's bucket if it does not exist")
     m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument("--debug", action="store_true", help="debug logging")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -33,6 +33,11 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ("[cache]\ndir = 5\n", "cache.dir must be a str"),
         ("[mount]\nallow_other = 'maybe'\n", "true or false"),
         ("not toml = = =", "cannot read"),
+        ("[s3]\naddressing_style = 'sideways'\n", "s3.addressing_style must be auto, path or virtual"),
+        ("[s3]\nmultipart_mb = 1\n", "s3.multipart_mb must be within 5..5120"),
+        ("[s3]\naccess_key_id = 'AK'\n", "must be given together"),
+        ("[s3]\nendpoint = '127.0.0.1:9000'\n", "s3.endpoint must be an http:// or https:// URL"),
+        ("[node]\nid = 'a/b'\n", "node.id must be"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, needle):
@@ -77,3 +82,26 @@ def test_a_misspelled_variable_is_named_in_a_warning(caplog):
     assert cfg.cache.reserve_mb == 64  # ignored
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "CKPTFS_CACHE_RESERV_MB" in warned[0] and "CKPTFS_CACHE_RESERVE_MB" in warned[0]
+
+
+def test_node_id_defaults_to_the_host_name_and_comes_from_the_environment():
+    import socket
+
+    assert config.load(None, {}, {}).node.id == socket.gethostname()
+    assert config.load(None, {}, {"CKPTFS_NODE_ID": "rank-3"}).node.id == "rank-3"
+
+
+def test_s3_urls():
+    from ckptfs.backend import open_store
+    from ckptfs.backend.s3 import S3Store
+
+    cfg = config.load(None, {}, {"CKPTFS_S3_ENDPOINT": "http://127.0.0.1:9", "CKPTFS_S3_REGION": "us-east-1"})
+    store = open_store("s3://my-bucket/some/prefix/", cfg.s3)
+    assert isinstance(store, S3Store)
+    assert (store.bucket, store._key("chunks/x")) == ("my-bucket", "some/prefix/chunks/x")
+    assert open_store("s3://my-bucket", cfg.s3)._key("k") == "k"  # type: ignore[attr-defined]
+    for bad in ("s3:///prefix", "s3://a/x", "s3://bad_bucket!/x"):
+        with pytest.raises(UserError, match="valid bucket"):
+            open_store(bad, cfg.s3)
+    with pytest.raises(UserError, match="unknown URL scheme"):
+        open_store("ftp://x/y")
