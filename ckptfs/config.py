@@ -43,6 +43,8 @@ class CacheConfig:
     decoded_cache_mb: int = 64  # in-memory cache of decoded chunks for reads
     direct_io: bool = True  # write chunk files with O_DIRECT where the file system supports it
     durable_after_s: float = 2.0  # a closed file ingest has not committed by then gets an fsync of its own
+    max_gb: float = 0.0  # chunk files + staged bytes kept at most; uploaded chunks are evicted past it (0 = no cap)
+    max_percent: float = 0.0  # the same cap as a share of the cache disk (0 = none; both: the smaller)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +65,19 @@ class S3Config:
     profile: str = ""  # a profile of ~/.aws/config
     access_key_id: str = ""  # prefer the environment or a profile; never logged
     secret_access_key: str = ""
-    concurrency: int = 8  # requests in flight at once
     retries: int = 8  # attempts per request on 5xx, SlowDown, timeouts and resets (backoff with jitter)
     multipart_mb: int = 64  # objects above this go up as multipart uploads in parts of this size
     timeout_s: float = 30.0  # connect and read timeout of one request
+
+
+@dataclass(frozen=True, slots=True)
+class UploadConfig:
+    """The uploader that tiers durable local versions to the store."""
+
+    enabled: bool = True  # false: nothing leaves the cache (versions stay 'local')
+    concurrency: int = 8  # requests in flight at once (also sizes the S3 connection pool)
+    bandwidth_mb: float = 0.0  # MB/s cap on uploads (0 = no cap)
+    interval_s: float = 0.5  # how often the uploader looks for work when not woken
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +117,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     s3: S3Config = field(default_factory=S3Config)
+    upload: UploadConfig = field(default_factory=UploadConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     mount: MountConfig = field(default_factory=MountConfig)
@@ -115,6 +127,7 @@ _SECTIONS = {
     "cache": CacheConfig,
     "store": StoreConfig,
     "s3": S3Config,
+    "upload": UploadConfig,
     "node": NodeConfig,
     "ingest": IngestConfig,
     "mount": MountConfig,
@@ -253,8 +266,13 @@ def validate(cfg: Config) -> Config:
     s3 = cfg.s3
     if s3.addressing_style not in ("auto", "path", "virtual"):
         raise UserError(f"config: s3.addressing_style must be auto, path or virtual, got {s3.addressing_style!r}")
-    if not 1 <= s3.concurrency <= 256 or not 1 <= s3.retries <= 100:
-        raise UserError("config: s3.concurrency must be within 1..256 and s3.retries within 1..100")
+    if not 1 <= s3.retries <= 100:
+        raise UserError(f"config: s3.retries must be within 1..100, got {s3.retries}")
+    up = cfg.upload
+    if not 1 <= up.concurrency <= 256:
+        raise UserError(f"config: upload.concurrency must be within 1..256, got {up.concurrency}")
+    if up.bandwidth_mb < 0 or not 0.01 <= up.interval_s <= 60:
+        raise UserError("config: upload.bandwidth_mb must be >= 0 and upload.interval_s within 0.01..60")
     if not 5 <= s3.multipart_mb <= 5120:
         raise UserError(f"config: s3.multipart_mb must be within 5..5120 (S3's part sizes), got {s3.multipart_mb}")
     if not 0 < s3.timeout_s <= 3600:
@@ -267,6 +285,8 @@ def validate(cfg: Config) -> Config:
     if not node_id or not all(ch.isalnum() or ch in "-_." for ch in node_id) or len(node_id) > 64:
         raise UserError(f"config: node.id must be 1..64 letters, digits, '-', '_' or '.', got {node_id!r}")
     cfg = replace(cfg, node=replace(cfg.node, id=node_id))
+    if cfg.cache.max_gb < 0 or not 0 <= cfg.cache.max_percent <= 100:
+        raise UserError("config: cache.max_gb must be >= 0 and cache.max_percent within 0..100")
     if not 0 <= cfg.cache.durable_after_s <= 3600:
         raise UserError(f"config: cache.durable_after_s must be within 0..3600, got {cfg.cache.durable_after_s}")
     return cfg

@@ -26,13 +26,16 @@ import trio
 
 from ckptfs.backend import open_store
 from ckptfs.cache import ChunkCache
+from ckptfs.cache.remote import RemoteFrames
 from ckptfs.config import Config, MiB
+from ckptfs.control import ControlServer
 from ckptfs.errors import BackendError, UserError
 from ckptfs.files import (
     Active,
     ChunkIndex,
     ChunkReader,
     DurableMarker,
+    Evictor,
     FileContents,
     Ingester,
     Reclaimer,
@@ -44,7 +47,10 @@ from ckptfs.fsutil import fsync_dir
 from ckptfs.fuse import Operations
 from ckptfs.health import Health, guarded
 from ckptfs.meta import Database, Versions
+from ckptfs.meta.tiering import Tiering
 from ckptfs.namespace import Tree
+from ckptfs.tier import Uploader, prepare_store
+from ckptfs.tier.recover import rebuild
 from ckptfs.types import InodeId, VersionId
 
 log = logging.getLogger(__name__)
@@ -97,10 +103,12 @@ def preflight(cfg: Config, mountpoint: str, create_bucket: bool = False) -> None
             f" {disk // MiB} MiB: every write would fail"
         )
     try:
-        store = open_store(cfg.store.url, cfg.s3)
+        store = open_store(cfg.store.url, cfg.s3, cfg.upload.concurrency)
         if create_bucket and store.create():
             log.info("created %s", cfg.store.url)
         store.check()
+        if cfg.upload.enabled:
+            prepare_store(store)
     except BackendError as exc:
         raise UserError(f"store: {exc}") from None
 
@@ -258,6 +266,30 @@ class _Components:
         )
         self.ingester = Ingester(self.contents, self.chunks, self.workers, settings, self.health)
         self.tree = Tree(self.db, self.contents)
+        self.evictor = Evictor(
+            self.db,
+            self.chunks,
+            self.cache,
+            self.workers,
+            cache_cap(cfg),
+            cfg.cache.reserve_mb * MiB * 2,
+            self.versions.staged_bytes,
+            healthy,
+        )
+        self.store = open_store(cfg.store.url, cfg.s3, cfg.upload.concurrency)
+        self.cache.remote = RemoteFrames(self.db.path, self.store)  # cold reads, and healing corrupt frames
+        self.uploader: Uploader | None = None
+        if cfg.upload.enabled:
+            self.uploader = Uploader(
+                self.db,
+                self.cache,
+                self.store,
+                Tiering(self.db).writer_id(cfg.node.id),
+                concurrency=cfg.upload.concurrency,
+                bandwidth=cfg.upload.bandwidth_mb * 1e6,
+                interval=cfg.upload.interval_s,
+                healthy=healthy,
+            )
 
     def _sealed(self, inode: InodeId, vid: VersionId) -> None:
         self.ingester.submit(inode, vid)
@@ -308,6 +340,64 @@ def _recover(c: _Components) -> list[Active]:
     return recovered
 
 
+def cache_cap(cfg: Config) -> int:
+    """``cache.max_gb`` / ``cache.max_percent`` of the cache disk in bytes (the smaller if both; 0: none)."""
+    caps = []
+    if cfg.cache.max_gb:
+        caps.append(int(cfg.cache.max_gb * 1e9))
+    if cfg.cache.max_percent:
+        st = os.statvfs(cfg.cache.dir)
+        caps.append(int(st.f_blocks * st.f_frsize * cfg.cache.max_percent / 100))
+    return min(caps) if caps else 0
+
+
+def _restore(c: _Components) -> None:
+    """An empty cache mounted against a store that has a journal (a replacement node): rebuild the
+    namespace from the store before serving. Raises ``UserError`` if the store cannot be read."""
+    if not Tiering(c.db).is_empty():
+        return
+    try:
+        got = rebuild(c.db, c.store)
+    except BackendError as exc:
+        raise UserError(f"cannot read the store's journal to recover the namespace: {exc}") from None
+    if got is not None:
+        log.info(
+            "recovered from the store: %s, %s and %s (%s) from %s",
+            plural(got.files, "file"),
+            plural(got.dirs, "directory"),
+            plural(got.others, "other entry"),
+            f"{got.bytes / 1e6:.1f} MB",
+            plural(got.segments, "journal segment"),
+        )
+
+
+def _status(cfg: Config, c: _Components) -> dict[str, object]:
+    """What ``ckptfs status`` shows besides the uploader's own figures."""
+    row = c.db.one("SELECT coalesce(sum(stored), 0), count(*) FROM chunks")
+    staged = c.db.one("SELECT coalesce(sum(size), 0), count(*) FROM versions WHERE state='staged'")
+    vfs = os.statvfs(cfg.cache.dir)
+    return {
+        "store": cfg.store.url,
+        "node": cfg.node.id,
+        "failsafe": c.health.describe() if c.health.failsafe else None,
+        "cache": {
+            "dir": cfg.cache.dir,
+            "chunk_bytes": int(row[0]) if row else 0,
+            "chunks": int(row[1]) if row else 0,
+            "staged_bytes": int(staged[0]) if staged else 0,
+            "staged_versions": int(staged[1]) if staged else 0,
+            "disk_free_bytes": vfs.f_bavail * vfs.f_frsize,
+            "file_bytes": c.cache.file_bytes,
+            "cap_bytes": c.evictor.cap or None,
+            "evicted_chunks": c.evictor.evicted,
+            "evicted_bytes": c.evictor.evicted_bytes,
+            "fetched_from_store": c.cache.remote.fetched if c.cache.remote else 0,
+            "fetched_bytes": c.cache.remote.fetched_bytes if c.cache.remote else 0,
+        },
+        "ingest_pending": c.ingester.pending,
+    }
+
+
 def plural(n: int, word: str) -> str:
     """'1 file', '2 files'."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
@@ -345,6 +435,10 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(c.ingester.run)
+            if c.uploader is not None:
+                nursery.start_soon(guarded, c.health, "the uploader", c.uploader.run)
+            nursery.start_soon(guarded, c.health, "the cache evictor", c.evictor.run)
+            await nursery.start(ControlServer(cfg.cache.dir, c.uploader, lambda: _status(cfg, c)).run)
             nursery.start_soon(guarded, c.health, "deleting released files", c.reclaimer.run)
             nursery.start_soon(guarded, c.health, "the durable marker", c.marker.run)
             nursery.start_soon(_remind, c.health)
@@ -364,10 +458,14 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
                 log.error("unmounted %s in failsafe mode (%s); nothing drained", mountpoint, c.health.reason)
             else:
                 log.info("unmounted %s; draining %s", mountpoint, plural(c.ingester.pending, "staged version"))
-                with trio.move_on_after(cfg.mount.drain_seconds):
+                deadline = trio.current_time() + cfg.mount.drain_seconds
+                with trio.move_on_at(deadline):
                     await c.ingester.wait_idle()
                 if c.ingester.pending:
                     log.info("%s stay staged; ingested at the next mount", plural(c.ingester.pending, "version"))
+                if c.uploader is not None and not await c.uploader.drain(max(0.0, deadline - trio.current_time())):
+                    left = c.uploader.tiering.summary().versions
+                    log.warning("%s not uploaded yet; uploaded at the next mount", plural(left, "version"))
                 await _mark_staged(c)
                 await c.reclaimer.wait_idle(timeout=30)
             nursery.cancel_scope.cancel()
@@ -391,12 +489,17 @@ def run(cfg: Config, mountpoint: str, ready: Callable[[str | None], None], creat
     try:
         c = _Components(cfg)
         try:
+            _restore(c)
             trio.run(_serve, cfg, mountpoint, c, ready)
         finally:
             try:
                 c.db.checkpoint()
             finally:
                 c.db.close()
+    except UserError as exc:
+        log.error("%s", exc)
+        ready(str(exc))
+        return 1
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt | SystemExit):
             log.critical("daemon failed: %r", exc, exc_info=True)

@@ -42,6 +42,7 @@ class Report:
     repaired: list[str] = field(default_factory=list)
     checked_chunks: int = 0
     checked_files: int = 0
+    remote_only: int = 0  # chunks whose frame (or a base's) is only in the store: fetched when read
 
     @property
     def ok(self) -> bool:
@@ -164,9 +165,22 @@ def _check_chunks(
     ):
         for c, n in conn.execute(sql):
             uses[bytes(c)] += int(n)
-    rows = conn.execute("SELECT id, refcount, raw_len FROM chunks").fetchall()
+    rows = conn.execute("SELECT id, refcount, raw_len, base, remote FROM chunks").fetchall()
+    bases = {bytes(r[0]): None if r[3] is None else bytes(r[3]) for r in rows}
+    in_store = {bytes(r[0]) for r in rows if r[4] is not None}
+
+    def chain_in_store(cid: bytes) -> bool:
+        seen: set[bytes] = set()
+        at: bytes | None = cid
+        while at is not None and at not in seen:
+            if at in in_store:
+                return True
+            seen.add(at)
+            at = bases.get(at)
+        return False
+
     known = set()
-    for i, (cid_b, refcount, raw_len) in enumerate(rows):
+    for i, (cid_b, refcount, raw_len, _base, _remote) in enumerate(rows):
         cid = ChunkId(bytes(cid_b))
         known.add(cid)
         rep.checked_chunks += 1
@@ -184,7 +198,10 @@ def _check_chunks(
             if verify:
                 fetch_and_decode(cache, cid)
         except ChunkMissing:
-            gone.append(cid)  # or a base it decodes through; decided after the snapshot
+            if chain_in_store(cid):
+                rep.remote_only += 1  # not in the cache, but the store has it (fsck does not read the store)
+            else:
+                gone.append(cid)  # or a base it decodes through; decided after the snapshot
         except CorruptChunk as exc:
             rep.problems.append(f"chunk {cid.hex()}: corrupt ({exc})")
     for cid in {ChunkId(c) for c in uses} - known:

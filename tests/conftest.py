@@ -142,10 +142,17 @@ class Mount:
         return os.getxattr(self.path(rel), "user.ckptfs.state").decode()
 
     def wait_local(self, *rels: str, timeout: float = 120) -> None:
-        """Wait until every file named has been ingested (state ``local``)."""
+        """Wait until every file named has been ingested (state ``local`` or, uploaded since, ``remote``)."""
+        self.wait_state(("local", "remote"), *rels, timeout=timeout)
+
+    def wait_remote(self, *rels: str, timeout: float = 120) -> None:
+        """Wait until every file named is in the object store (state ``remote``)."""
+        self.wait_state(("remote",), *rels, timeout=timeout)
+
+    def wait_state(self, states: tuple[str, ...], *rels: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         for rel in rels:
-            while self.state(rel) != "local":
+            while self.state(rel) not in states:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{rel} still {self.state(rel)} after {timeout}s:\n{self.log()}")
                 time.sleep(0.05)

@@ -33,17 +33,22 @@ Protocol (who does what, and the crash windows):
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import sqlite3
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ckptfs.cache.remote import RemoteFrames
 from ckptfs.errors import CacheFull, ChunkMissing
 from ckptfs.fsutil import fsync_dir
 from ckptfs.types import ChunkId
 
+log = logging.getLogger(__name__)
 _ALIGN = 4096
 # Frames up to this size are stored in the metadata database, not in files of their own.
 SMALL_FRAME = 32 * 1024
@@ -101,6 +106,14 @@ class ChunkCache:
         self._direct = not read_only and direct_io and _supports_direct(self.root / "00")
         self._aligned = _AlignedBuffer()
         self._frames = None if db_path is None else _FrameReader(Path(db_path))
+        self.read_only = read_only
+        self._bytes_lock = threading.Lock()
+        # bytes of the chunk files (not the small frames in the database); counted once, then kept up
+        self.file_bytes = 0 if read_only or not self.root.exists() else _scan_bytes(self.root)
+        self.recent: OrderedDict[ChunkId, float] = OrderedDict()  # reads, oldest first
+        # Where a frame the cache does not hold comes from (``cache.remote``; set by the daemon when it
+        # tiers to a store). None: a missing frame is ChunkMissing.
+        self.remote: RemoteFrames | None = None
 
     @staticmethod
     def is_small(frame: bytes) -> bool:
@@ -119,10 +132,12 @@ class ChunkCache:
         h = cid.hex()
         return self.root / h[:2] / h
 
-    def put(self, cid: ChunkId, frame: bytes) -> None:
+    def put(self, cid: ChunkId, frame: bytes, replace: bool = True) -> None:
         """Store ``frame`` under ``cid`` durably (the directory entry needs ``sync_dirs``).
 
-        Idempotent: storing an existing id again rewrites identical bytes. Raises ``CacheFull`` on ENOSPC.
+        Idempotent: storing an existing id again rewrites identical bytes. ``replace=False`` leaves an
+        existing file alone (a frame fetched from the store must never overwrite a newer local one a
+        frame swap put there meanwhile). Raises ``CacheFull`` on ENOSPC.
         """
         final = self.path(cid)
         self.check_space(cid, len(frame))
@@ -139,7 +154,17 @@ class ChunkCache:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, final)
+            if replace:
+                old = _size_or_zero(final)
+                os.rename(tmp, final)
+                self._count(len(frame) - old)
+            else:
+                try:
+                    os.link(tmp, final)  # atomic "create if absent"
+                    self._count(len(frame))
+                except FileExistsError:
+                    pass
+                tmp.unlink()
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -148,7 +173,8 @@ class ChunkCache:
 
     def get(self, cid: ChunkId) -> bytes:
         """Return the stored frame: the small one if there is one (a file left behind when a frame
-        shrank is stale), else the file's. Raises ``ChunkMissing`` if absent."""
+        shrank is stale), else the file's, else the store's (kept as a file from then on, if there is
+        room). Raises ``ChunkMissing`` if none has it."""
         small = self.small(cid)
         if small is not None:
             return small
@@ -156,7 +182,26 @@ class ChunkCache:
             with open(self.path(cid), "rb") as f:
                 return f.read()
         except FileNotFoundError:
-            raise ChunkMissing(f"chunk {cid.hex()} is missing from the local cache") from None
+            pass
+        frame = None if self.remote is None else self.remote.fetch(cid)
+        if frame is None:
+            raise ChunkMissing(f"chunk {cid.hex()} is missing from the local cache")
+        self.keep(cid, frame, replace=False)
+        return frame
+
+    def remote_frame(self, cid: ChunkId) -> bytes | None:
+        """The store's copy of the chunk's frame (None: it has none). Raises ``ChunkMissing``."""
+        return None if self.remote is None else self.remote.fetch(cid)
+
+    def keep(self, cid: ChunkId, frame: bytes, replace: bool) -> None:
+        """Best effort: keep a frame fetched from the store as the local file (``replace``: over a corrupt
+        one). Small frames are the trio thread's to keep (``meta.tiering``). A full disk is no error."""
+        if self.read_only or self.is_small(frame):
+            return
+        try:
+            self.put(cid, frame, replace=replace)
+        except (CacheFull, OSError) as exc:
+            log.debug("not keeping chunk %s fetched from the store: %s", cid.hex(), exc)
 
     def small(self, cid: ChunkId) -> bytes | None:
         """The chunk's small frame, if it has one (through this thread's connection)."""
@@ -170,7 +215,25 @@ class ChunkCache:
 
     def delete(self, cid: ChunkId) -> None:
         """Remove a chunk file. Idempotent."""
-        self.path(cid).unlink(missing_ok=True)
+        path = self.path(cid)
+        size = _size_or_zero(path)
+        try:
+            path.unlink()
+            self._count(-size)
+        except FileNotFoundError:
+            pass
+
+    def _count(self, delta: int) -> None:
+        with self._bytes_lock:
+            self.file_bytes += delta
+
+    def touch(self, cid: ChunkId) -> None:
+        """A read used ``cid`` (the eviction order, ``files.evict``). Any thread."""
+        with self._bytes_lock:
+            self.recent[cid] = time.monotonic()
+            self.recent.move_to_end(cid)
+            if len(self.recent) > 1_000_000:
+                self.recent.popitem(last=False)
 
     def sync_dirs(self, cids: Iterable[ChunkId]) -> None:
         """fsync the directories holding ``cids`` so their renames are durable."""
@@ -195,6 +258,26 @@ class ChunkCache:
                         yield ChunkId(bytes.fromhex(p.name))
                     except ValueError:
                         continue
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _scan_bytes(root: Path) -> int:
+    total = 0
+    for sub in os.scandir(root):
+        if sub.is_dir():
+            for f in os.scandir(sub.path):
+                if not f.name.endswith(".tmp"):
+                    try:
+                        total += f.stat().st_size
+                    except FileNotFoundError:
+                        pass
+    return total
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ckptfs import __version__, config, daemon, fsck, stats
+from ckptfs import __version__, config, control, daemon, fsck, stats
 from ckptfs import log as logsetup
 from ckptfs.cli.mounts import ckptfs_mounts, mount_of
 from ckptfs.daemon import plural
@@ -236,10 +236,186 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     for line in rep.problems:
         print(f"PROBLEM: {line}")
     print(
-        f"fsck: {plural(rep.checked_files, 'file')}, {plural(rep.checked_chunks, 'chunk')} checked, "
+        f"fsck: {plural(rep.checked_files, 'file')}, {plural(rep.checked_chunks, 'chunk')} checked"
+        f"{f' ({rep.remote_only} only in the store)' if rep.remote_only else ''}, "
         f"{plural(len(rep.problems), 'problem')}, {plural(len(rep.warnings), 'warning')}"
     )
     return 0 if rep.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cache_dir, _ = _cache_for(args)
+    st = control.request(cache_dir, {"op": "status"})
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    up, cache = st.get("upload"), st["cache"]
+    print(f"store      {st['store']} (node {st['node']})")
+    if st.get("failsafe"):
+        print(f"FAILSAFE   {st['failsafe']}")
+    print(
+        f"cache      {_human(cache['chunk_bytes'])} in {cache['chunks']} chunks, {_human(cache['staged_bytes'])}"
+        f" staged in {plural(cache['staged_versions'], 'version')}; {_human(cache['disk_free_bytes'])} free"
+    )
+    print(f"ingest     {plural(st['ingest_pending'], 'version')} waiting")
+    if up is None:
+        print("upload     disabled (upload.enabled = false)")
+        return 0
+    oldest = "" if up["oldest_pending_s"] is None else f", oldest queued {up['oldest_pending_s']:.1f} s ago"
+    print(f"upload     {plural(up['queued_versions'], 'version')} queued ({_human(up['queued_bytes'])}){oldest}")
+    print(
+        f"           {_human(up['rate_bytes_per_s'])}/s over the last minute; {_human(up['bytes_sent'])} in"
+        f" {plural(up['objects_sent'], 'object')} sent, {up['objects_already_there']} already there,"
+        f" {plural(up['journal_segments'], 'journal segment')}"
+    )
+    if up["last_error"]:
+        print(f"last error {up['last_error']} ({up['last_error_age_s']:.0f} s ago)")
+    for f in up["failing"]:
+        print(f"failing    {f['path'] or '(unlinked)'}: {f['attempts']} attempts: {f['error']}")
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    cache_dir, rel = _cache_for(args)
+    timeout = args.timeout if args.wait else 0.0
+    reply = control.request(cache_dir, {"op": "flush", "path": rel, "timeout": timeout}, timeout=timeout + 30)
+    if "error" in reply:
+        raise UserError(reply["error"])
+    missing = reply["missing"]
+    if not missing:
+        if args.wait:
+            print(f"everything under {args.path or '/'} is in the store")
+        return 0
+    what = "not in the store yet" if args.wait else "being uploaded"
+    print(f"{plural(len(missing), 'path')} {what}:", file=sys.stderr if args.wait else sys.stdout)
+    for path in missing[:20]:
+        print(f"  {path}", file=sys.stderr if args.wait else sys.stdout)
+    if len(missing) > 20:
+        print(f"  ... and {len(missing) - 20} more", file=sys.stderr if args.wait else sys.stdout)
+    return 2 if args.wait else 0
+
+
+class _Bar:
+    """A one-line progress bar on stderr (a terminal), or nothing."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, done: float, total: float, unit: str = "") -> None:
+        now = time.monotonic()
+        if not self.tty or (now - self._last < 0.1 and done < total):
+            return
+        self._last = now
+        width = 30
+        filled = int(width * done / total) if total else width
+        print(
+            f"\r{self.what} [{'#' * filled}{'.' * (width - filled)}] {done:.0f}/{total:.0f}{unit}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def end(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from ckptfs.backend import open_store
+    from ckptfs.errors import BackendError
+    from ckptfs.meta import Database
+    from ckptfs.tier import prepare_store
+    from ckptfs.tier.recover import rebuild
+
+    cfg = _config(args)
+    cache = Path(cfg.cache.dir)
+    daemon.prepare_cache_dir(cache)
+    fd = daemon.lock_cache(cfg.cache.dir)  # no daemon may use the cache meanwhile
+    try:
+        store = open_store(cfg.store.url, cfg.s3, cfg.upload.concurrency)
+        try:
+            store.check()
+            prepare_store(store)
+        except BackendError as exc:
+            raise UserError(f"store: {exc}") from None
+        db = Database(cache / daemon.DB_NAME)
+        bar = _Bar("reading the journal")
+        try:
+            got = rebuild(db, store, progress=lambda d, t: bar(d, t, " segments"))
+        except BackendError as exc:
+            raise UserError(f"recover: the store failed: {exc}") from None
+        finally:
+            bar.end()
+            db.checkpoint()
+            db.close()
+    finally:
+        os.close(fd)
+    if got is None:
+        print(f"recover: {cfg.store.url} holds no journal: nothing to recover")
+        return 0
+    print(
+        f"recovered {plural(got.files, 'file')} ({_human(got.bytes)}), {plural(got.dirs, 'directory')} and"
+        f" {plural(got.others, 'other entry')} from {plural(got.segments, 'journal segment')} into {cfg.cache.dir}"
+    )
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Read files through the mount, many ranges at once, so the daemon pulls them into its cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work: list[tuple[str, int, int]] = []
+    for top in args.paths:
+        if mount_of(top) is None:
+            raise UserError(f"{top} is not inside a ckptfs mount")
+        walk = [(top, [], [""])] if os.path.isfile(top) else os.walk(top)
+        for dirpath, _dirs, names in walk:
+            for name in names:
+                path = os.path.join(dirpath, name) if name else dirpath
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                size = os.path.getsize(path)
+                work += [(path, off, min(_WARM_RANGE, size - off)) for off in range(0, size, _WARM_RANGE)]
+    total = sum(n for _, _, n in work)
+    done = 0
+    bar = _Bar("warmup")
+    start = time.monotonic()
+
+    def read(item: tuple[str, int, int]) -> int:
+        path, off, n = item
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < n:
+                chunk = os.pread(fd, min(1 << 20, n - got), off + got)
+                if not chunk:
+                    break
+                got += len(chunk)
+            return got
+        finally:
+            os.close(fd)
+
+    errors = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(read, item) for item in work]
+        for fut, item in zip(futures, work, strict=True):
+            try:
+                done += fut.result()
+            except OSError as exc:
+                errors.append(f"{item[0]}: {exc.strerror}")
+            bar(done / 1e6, total / 1e6, " MB")
+    bar.end()
+    secs = max(time.monotonic() - start, 1e-9)
+    files = len({p for p, _, _ in work})
+    print(f"warmup: {plural(files, 'file')}, {_human(done)} in {secs:.1f} s ({done / 1e6 / secs:.0f} MB/s)")
+    for line in sorted(set(errors)):
+        print(f"ckptfs: {line}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+_WARM_RANGE = 16 * 1024 * 1024
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -277,6 +453,29 @@ def _parser() -> argparse.ArgumentParser:
     lv.add_argument("--json", action="store_true", help="machine-readable output")
     lv.add_argument("path", nargs="?", help="a file or directory inside a mount (default: everything)")
     lv.set_defaults(func=cmd_ls_versions)
+
+    st = sub.add_parser("status", help="upload queue, upload rate, cache use and the last error of a mount")
+    common(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("path", nargs="?", help="a mountpoint or a path inside it (default: the current directory's)")
+    st.set_defaults(func=cmd_status)
+
+    fl = sub.add_parser("flush", help="upload everything under PATH now; with --wait, return once it is in the store")
+    common(fl)
+    fl.add_argument("--wait", action="store_true", help="wait until everything under PATH is in the store")
+    fl.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default 600; exit 2)")
+    fl.add_argument("path", nargs="?", help="a file or directory inside a mount (default: the current directory's)")
+    fl.set_defaults(func=cmd_flush)
+
+    rc = sub.add_parser("recover", help="rebuild an empty cache's namespace from the store (daemon stopped)")
+    common(rc)
+    rc.add_argument("--store", help="object store URL (default: store.url of the config)")
+    rc.set_defaults(func=cmd_recover)
+
+    w = sub.add_parser("warmup", help="pull files into the local cache, many ranges at once")
+    w.add_argument("--jobs", "-j", type=int, default=8, help="ranges read at once (default 8)")
+    w.add_argument("paths", nargs="+", help="files or directories inside a mount")
+    w.set_defaults(func=cmd_warmup)
 
     f = sub.add_parser("fsck", help="check metadata and chunks; exit 1 on a problem")
     common(f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.contents import FileContents
 from ckptfs.files.durable import Active, DurableMarker
+from ckptfs.files.evict import Evictor
 from ckptfs.files.ingest import Ingester
 from ckptfs.files.reader import ChunkReader
 from ckptfs.files.reclaim import Reclaimer
@@ -16,6 +17,7 @@ __all__ = [
     "ChunkIndex",
     "ChunkReader",
     "DurableMarker",
+    "Evictor",
     "FileContents",
     "Ingester",
     "Reclaimer",

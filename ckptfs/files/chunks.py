@@ -204,8 +204,9 @@ class ChunkIndex:
             old = c.execute("SELECT base FROM chunks WHERE id=?", (cid,)).fetchone()
             if new_base is None or old is None:
                 raise RuntimeError(f"no rebase of chunk {cid.hex()} in progress")
-            c.execute(
-                "UPDATE chunks SET codec=?, stored=?, base=?, depth=? WHERE id=?",
+            c.execute(  # a new frame: not in the store until the uploader puts it up under its new name
+                "UPDATE chunks SET codec=?, stored=?, base=?, depth=?, remote=NULL, remote_off=NULL,"
+                " remote_len=NULL WHERE id=?",
                 (codec, stored, new_base[0], depth, cid),
             )
             c.execute("DELETE FROM rebase_intents WHERE chunk=?", (cid,))

@@ -59,6 +59,7 @@ from ckptfs.files.repack import Repacker, RepackSettings
 from ckptfs.files.workers import Workers
 from ckptfs.health import Health, guarded, is_fatal
 from ckptfs.meta import Versions, add_refs
+from ckptfs.meta.tiering import queue_in
 from ckptfs.types import ChunkId, InodeId, Piece, VersionId, VersionState
 
 log = logging.getLogger(__name__)
@@ -431,6 +432,7 @@ class Ingester:
                 slots = [(p.slot, results[p.offset]) for p in pieces if p.slot]
                 touched += ChunkIndex.set_slots(c, signature, vid, slots)
             c.execute("UPDATE inodes SET size=? WHERE id=?", (size, inode))
+            queue_in(c, vid)
             for v in self.contents.versions.history(inode):
                 self.contents.reader.forget_version(v.id)
             dropped, names = Versions.drop_others_in(c, inode, vid)

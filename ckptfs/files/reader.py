@@ -20,6 +20,7 @@ from ckptfs.errors import ChunkMissing, CorruptChunk
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
+from ckptfs.meta.tiering import Tiering
 from ckptfs.types import ChunkId, VersionId
 
 log = logging.getLogger(__name__)
@@ -93,22 +94,43 @@ class ChunkReader:
         ev = self._pending[cid] = trio.Event()
         try:
             frame = await self._frame(cid)
-            hdr = parse_header(frame)
             try:
-                base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
+                data = await self._decode(cid, frame, _depth)
             except ChunkMissing:
-                # re-encoded against another base (files.repack) after we read it, the old base collected
-                frame = await self._frame(cid)
-                hdr = parse_header(frame)
-                base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
-            if hdr.raw_len <= _INLINE_DECODE:
-                data = decode(frame, cid, base)
-            else:
-                data = await self.workers.run_foreground(decode, frame, cid, base)
+                raise
+            except CorruptChunk as exc:
+                data = await self._heal(cid, frame, exc, _depth)
         finally:
             del self._pending[cid]
             ev.set()
         self._decoded.put(cid, data)
+        return data
+
+    async def _decode(self, cid: ChunkId, frame: bytes, _depth: int) -> bytes:
+        hdr = parse_header(frame)
+        try:
+            base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
+        except ChunkMissing:
+            # re-encoded against another base (files.repack) after we read it, the old base collected
+            frame = await self._frame(cid)
+            hdr = parse_header(frame)
+            base = await self.chunk(hdr.base, _depth + 1) if hdr.base is not None else None
+        if hdr.raw_len <= _INLINE_DECODE:
+            return decode(frame, cid, base)
+        return await self.workers.run_foreground(decode, frame, cid, base)
+
+    async def _heal(self, cid: ChunkId, frame: bytes, exc: CorruptChunk, _depth: int) -> bytes:
+        """A corrupt local frame: decode the store's copy instead (if it has one) and keep it. Raises the
+        original error when there is nothing better."""
+        remote = await self.workers.run_foreground(self.cache.remote_frame, cid)
+        if remote is None or remote == frame:
+            raise exc
+        data = await self._decode(cid, remote, _depth)
+        if self.cache.is_small(remote):
+            Tiering(self.db).keep_small_frame(cid, remote, replace=True)
+        else:
+            await self.workers.run_foreground(self.cache.keep, cid, remote, True)
+        log.warning("chunk %s was corrupt in the local cache (%s); read and healed from the store", cid.hex(), exc)
         return data
 
     async def _frame(self, cid: ChunkId) -> bytes:
@@ -117,7 +139,10 @@ class ChunkReader:
         small = self.cache.small(cid)
         if small is not None:
             return small
-        return await self.workers.run_foreground(self.cache.get, cid)
+        frame = await self.workers.run_foreground(self.cache.get, cid)
+        if self.cache.is_small(frame):  # fetched from the store (a local one would have been a row): keep it
+            Tiering(self.db).keep_small_frame(cid, frame, replace=False)
+        return frame
 
     async def read(self, vid: VersionId, size_of_file: int, off: int, size: int, what: str) -> bytes:
         """Read ``size`` bytes at ``off`` of committed version ``vid``. ``what`` names the file in logs."""
@@ -130,6 +155,7 @@ class ChunkReader:
         pos = off
         while pos < end and i < len(ext.offsets):
             c_off, c_len, cid = ext.offsets[i], ext.lengths[i], ext.chunks[i]
+            self.cache.touch(cid)
             try:
                 data = await self.chunk(cid)
             except CorruptChunk as exc:

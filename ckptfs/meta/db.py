@@ -23,7 +23,7 @@ from typing import Any
 
 from ckptfs.fsutil import fsync_dir
 
-SCHEMA_VERSION = 3  # 2 added ``frames``, 3 the durable marks of staged versions; older ones are upgraded
+SCHEMA_VERSION = 4  # 2 added ``frames``, 3 durable marks of staged versions, 4 tiering; older ones are upgraded
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -91,7 +91,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     stored   INTEGER NOT NULL,           -- bytes of the frame on disk
     refcount INTEGER NOT NULL,
     base     BLOB,                       -- delta base chunk (NULL for a keyframe)
-    depth    INTEGER NOT NULL DEFAULT 0  -- deltas to decode before this one (0 = keyframe)
+    depth    INTEGER NOT NULL DEFAULT 0, -- deltas to decode before this one (0 = keyframe)
+    remote     TEXT,                     -- object holding this exact frame in the store (NULL = not uploaded)
+    remote_off INTEGER,                  -- its offset in that object (a pack) ...
+    remote_len INTEGER                   -- ... and length
 ) WITHOUT ROWID;
 -- The latest chunk stored for each slot of each layout signature: where a new version of a file with
 -- the same layout (same records and sizes) finds the base of its delta for that slot.
@@ -106,6 +109,7 @@ CREATE TABLE IF NOT EXISTS slot_index (
 CREATE INDEX IF NOT EXISTS slot_index_version ON slot_index (version);
 CREATE INDEX IF NOT EXISTS chunks_unref ON chunks (refcount) WHERE refcount = 0;
 CREATE INDEX IF NOT EXISTS chunks_base ON chunks (base) WHERE base IS NOT NULL;
+CREATE INDEX IF NOT EXISTS chunks_not_remote ON chunks (depth) WHERE remote IS NULL;
 -- Frames of at most cache.store.SMALL_FRAME bytes (zip headers, small records, chunks that compress to
 -- almost nothing) live here instead of one file each: written in the transaction that records the
 -- chunk row, so no file, fsync or thread hop per small chunk. Readers look here before the file.
@@ -124,6 +128,20 @@ CREATE TABLE IF NOT EXISTS rebase_intents (
     chunk    BLOB PRIMARY KEY,
     new_base BLOB                         -- NULL: the chunk becomes a keyframe
 ) WITHOUT ROWID;
+-- Versions committed 'local' that are not 'remote' yet (meta/tiering.py): inserted by the commit that
+-- makes a version local, deleted when the journal naming it is in the store (or the version is gone).
+CREATE TABLE IF NOT EXISTS upload_queue (
+    version   INTEGER PRIMARY KEY,
+    queued_ns INTEGER NOT NULL,
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+-- What this node last published to the store's namespace journal, per path (tier/publish.py diffs
+-- the namespace against it).
+CREATE TABLE IF NOT EXISTS published (
+    path   BLOB PRIMARY KEY,
+    digest BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS xattrs (
     inode INTEGER NOT NULL,
     name  BLOB NOT NULL,
@@ -131,6 +149,15 @@ CREATE TABLE IF NOT EXISTS xattrs (
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
 """
+
+
+_ADDED_COLUMNS = [
+    ("versions", "durable_size", "INTEGER"),  # schema 3
+    ("versions", "durable_hash", "BLOB"),
+    ("chunks", "remote", "TEXT"),  # schema 4
+    ("chunks", "remote_off", "INTEGER"),
+    ("chunks", "remote_len", "INTEGER"),
+]
 
 
 class Database:
@@ -150,11 +177,11 @@ class Database:
         row = None if new else self.conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise RuntimeError(f"metadata schema {row[0]} is newer than this ckptfs supports ({SCHEMA_VERSION})")
-        if row is not None and int(row[0]) < 3:  # added columns; tables added since come from _SCHEMA
-            cols = {r[1] for r in self.conn.execute("PRAGMA table_info(versions)")}
-            for col, typ in (("durable_size", "INTEGER"), ("durable_hash", "BLOB")):
+        if row is not None and int(row[0]) < SCHEMA_VERSION:  # added columns; new tables come from _SCHEMA
+            for table, col, typ in _ADDED_COLUMNS:
+                cols = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
                 if col not in cols:
-                    self.conn.execute(f"ALTER TABLE versions ADD COLUMN {col} {typ}")
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
         self.conn.executescript(_SCHEMA)
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         if new:

@@ -96,6 +96,11 @@ class Versions:
         rows = self.db.execute("SELECT DISTINCT inode FROM versions WHERE state=?", (VersionState.STAGED.value,))
         return [InodeId(int(r[0])) for r in rows]
 
+    def staged_bytes(self) -> int:
+        """Bytes of every staged version, at its last seal."""
+        row = self.db.one("SELECT total(size) FROM versions WHERE state=?", (VersionState.STAGED.value,))
+        return 0 if row is None else int(row[0])
+
     def extents(self, vid: VersionId) -> list[tuple[int, int, bytes]]:
         """(offset, length, chunk id) of a committed version, in file order."""
         return self.db.execute(

@@ -58,8 +58,11 @@ def _chunk_files(cache):
     return sorted(p for p in (cache / "chunks").rglob("*") if p.is_file())
 
 
+NO_UPLOAD = {"CKPTFS_UPLOAD_ENABLED": "false"}  # the cache's copy is the only one: nothing to heal from
+
+
 def test_flipped_byte_in_stored_chunk_gives_eio(mount_factory):
-    m = mount_factory()
+    m = mount_factory(env=NO_UPLOAD)
     m.expect_errors = True
     data = os.urandom(2 << 20)  # incompressible: stored raw, one CDC chunk region at least
     m.path("victim.bin").write_bytes(data)
@@ -87,7 +90,7 @@ def test_flipped_byte_in_a_small_frame_gives_eio(mount_factory):
 
     import torch
 
-    m = mount_factory()
+    m = mount_factory(env=NO_UPLOAD)
     m.expect_errors = True
     torch.save(make_state(3), m.path("ck.pt"))
     m.wait_local("ck.pt")
@@ -124,7 +127,7 @@ def test_committed_files_survive_unmount_remount_many_times(mount_factory):
 
 def test_a_missing_chunk_answers_eio_not_enoent(mount_factory):
     """A resume loop reads ENOENT as "no checkpoint here": a lost chunk must be EIO."""
-    m = mount_factory()
+    m = mount_factory(env=NO_UPLOAD)
     m.expect_errors = True
     data = os.urandom(3 << 20)
     m.path("ck.bin").write_bytes(data)

@@ -124,18 +124,25 @@ def test_older_caches_are_upgraded_and_a_newer_one_refused(tmp_path):
     db.conn.execute("DROP TABLE frames")  # what a schema-1 cache looks like to the new code
     db.conn.execute("ALTER TABLE versions DROP COLUMN durable_size")
     db.conn.execute("ALTER TABLE versions DROP COLUMN durable_hash")
+    db.conn.execute("DROP INDEX chunks_not_remote")
+    for col in ("remote", "remote_off", "remote_len"):
+        db.conn.execute(f"ALTER TABLE chunks DROP COLUMN {col}")
+    db.conn.execute("DROP TABLE upload_queue")
+    db.conn.execute("DROP TABLE published")
     db.conn.execute("UPDATE meta SET value='1' WHERE key='schema'")
     db.close()
     db = Database(tmp_path / "meta.db")
-    assert db.one("SELECT value FROM meta WHERE key='schema'") == ("3",)
+    assert db.one("SELECT value FROM meta WHERE key='schema'") == ("4",)
     assert db.one("SELECT count(*) FROM frames") == (0,)
     assert db.one("SELECT count(durable_size), count(durable_hash) FROM versions") == (0, 0)
+    assert db.one("SELECT count(remote), count(remote_off), count(remote_len) FROM chunks") == (0, 0, 0)
+    assert db.one("SELECT count(*) FROM upload_queue") == (0,) and db.one("SELECT count(*) FROM published") == (0,)
     db.close()
     conn = sqlite3.connect(tmp_path / "meta.db")
-    conn.execute("UPDATE meta SET value='4' WHERE key='schema'")
+    conn.execute("UPDATE meta SET value='5' WHERE key='schema'")
     conn.commit()
     conn.close()
-    with pytest.raises(RuntimeError, match="schema 4 is newer"):
+    with pytest.raises(RuntimeError, match="schema 5 is newer"):
         Database(tmp_path / "meta.db")
 
 

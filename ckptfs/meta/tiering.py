@@ -1,0 +1,345 @@
+"""The repository of tiering state: the upload queue, where each chunk's frame is in the object store,
+what this node last published to the namespace journal, and this cache's writer id.
+
+Trio thread only, like every repository of ``meta``. The protocol these rows follow is in
+docs/architecture.md ("Tiering to the object store").
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ckptfs.meta.db import Database
+from ckptfs.types import ChunkId, VersionId, VersionState
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRow:
+    """A chunk of an upload's closure, with where its current frame is in the store (``remote`` None: not yet)."""
+
+    id: ChunkId
+    codec: int
+    stored: int
+    raw_len: int
+    base: ChunkId | None
+    depth: int
+    remote: str | None
+    remote_off: int | None
+    remote_len: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One path of the namespace as the journal publishes it."""
+
+    path: bytes
+    inode: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int
+    version: VersionId | None
+    state: str | None
+    target: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportEntry:
+    """A path recovered from the store's journal (``extents`` None: not a regular file)."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int
+    is_dir: bool
+    target: bytes | None
+    extents: list[tuple[int, int, ChunkId]] | None
+    chunks: list[ChunkRow]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    versions: int
+    size: int  # bytes of the versions queued
+    oldest_ns: int | None
+    last_error: str | None
+    failing: list[tuple[bytes | None, int, str]]  # (a path of the version, attempts, last error)
+
+
+def queue_in(conn: sqlite3.Connection, vid: VersionId) -> None:
+    """Inside the transaction that makes ``vid`` local: queue it for upload."""
+    conn.execute("INSERT OR IGNORE INTO upload_queue (version, queued_ns) VALUES (?, ?)", (vid, time.time_ns()))
+
+
+class Tiering:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def writer_id(self, node_id: str) -> str:
+        """``<node id>.<incarnation>``: the incarnation is chosen once per metadata database, so a wiped
+        cache never reuses the journal names of its previous life."""
+        inc = self.db.get_meta("incarnation")
+        if inc is None:
+            inc = os.urandom(8).hex()
+            with self.db.transaction():
+                self.db.set_meta("incarnation", inc)
+        return f"{node_id}.{inc}"
+
+    def requeue_local(self) -> int:
+        """Start-up: every ``local`` version is queued (a queue row lost with a rolled-back power cut, or
+        a database from before tiering)."""
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO upload_queue (version, queued_ns) SELECT id, created_ns FROM versions"
+                " WHERE state=?",
+                (VersionState.LOCAL.value,),
+            )
+            c.execute(
+                "DELETE FROM upload_queue WHERE version NOT IN (SELECT id FROM versions WHERE state=?)",
+                (VersionState.LOCAL.value,),
+            )
+        return int(cur.rowcount)
+
+    def pending(self, limit: int) -> list[VersionId]:
+        """Queued versions that still exist, oldest first; drops the rows of versions that are gone."""
+        self.db.execute("DELETE FROM upload_queue WHERE version NOT IN (SELECT id FROM versions)")
+        rows = self.db.execute("SELECT version FROM upload_queue ORDER BY queued_ns LIMIT ?", (limit,)).fetchall()
+        return [VersionId(int(r[0])) for r in rows]
+
+    def closure(self, vids: Iterable[VersionId]) -> list[ChunkRow]:
+        """Every chunk the versions' extents name, and their delta bases, transitively; bases first."""
+        ids = list(vids)
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            f"WITH RECURSIVE t(id) AS (SELECT chunk FROM extents WHERE version IN ({marks})"
+            " UNION SELECT c.base FROM chunks c JOIN t ON c.id = t.id WHERE c.base IS NOT NULL)"
+            " SELECT c.id, c.codec, c.stored, c.raw_len, c.base, c.depth, c.remote, c.remote_off, c.remote_len"
+            " FROM chunks c JOIN t ON c.id = t.id ORDER BY c.depth",
+            tuple(ids),
+        ).fetchall()
+        return [
+            ChunkRow(
+                ChunkId(bytes(r[0])),
+                int(r[1]),
+                int(r[2]),
+                int(r[3]),
+                None if r[4] is None else ChunkId(bytes(r[4])),
+                int(r[5]),
+                r[6],
+                r[7],
+                r[8],
+            )
+            for r in rows
+        ]
+
+    def not_uploaded(self, limit: int) -> list[ChunkRow]:
+        """Committed chunks (referenced) whose current frame is not in the store, bases first."""
+        rows = self.db.execute(
+            "SELECT id, codec, stored, raw_len, base, depth, remote, remote_off, remote_len FROM chunks"
+            " WHERE remote IS NULL AND refcount > 0 ORDER BY depth LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
+    @staticmethod
+    def _row(r: tuple[Any, ...]) -> ChunkRow:  # SQL-typed values
+        base = None if r[4] is None else ChunkId(bytes(r[4]))
+        return ChunkRow(
+            ChunkId(bytes(r[0])),
+            int(r[1]),
+            int(r[2]),
+            int(r[3]),
+            base,
+            int(r[5]),
+            r[6],
+            r[7],
+            r[8],
+        )
+
+    def keep_small_frame(self, cid: ChunkId, frame: bytes, replace: bool) -> None:
+        """Keep a small frame fetched from the store as the chunk's local copy — only while the row still
+        says that frame is the current one (a swap clears ``remote``), and (unless ``replace``, for a
+        corrupt local copy) only if there is none yet."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        self.db.execute(
+            f"{verb} INTO frames (chunk, frame) SELECT ?, ? WHERE EXISTS"
+            " (SELECT 1 FROM chunks WHERE id=? AND remote IS NOT NULL AND remote_len=?)",
+            (cid, frame, cid, len(frame)),
+        )
+
+    def extents(self, vid: VersionId) -> list[tuple[int, int, ChunkId]]:
+        rows = self.db.execute("SELECT offset, length, chunk FROM extents WHERE version=? ORDER BY offset", (vid,))
+        return [(int(o), int(n), ChunkId(bytes(c))) for o, n, c in rows.fetchall()]
+
+    def record_remote(self, done: Iterable[tuple[ChunkRow, str, int, int]]) -> int:
+        """Record where frames now are in the store: (the row as uploaded, object, offset, length). A row
+        whose frame was swapped meanwhile (another codec, size or base) is left alone: its new frame
+        goes up next round. Returns how many were recorded."""
+        n = 0
+        with self.db.transaction() as c:  # atomic: no await until commit
+            for row, key, off, length in done:
+                cur = c.execute(
+                    "UPDATE chunks SET remote=?, remote_off=?, remote_len=? WHERE id=? AND codec=? AND stored=?"
+                    " AND base IS ?",
+                    (key, off, length, row.id, row.codec, row.stored, row.base),
+                )
+                n += cur.rowcount
+        return n
+
+    def namespace(self) -> list[Entry]:
+        """Every path but the root, with what a journal event needs."""
+        inodes = {
+            int(r[0]): r
+            for r in self.db.execute(
+                "SELECT i.id, i.mode, i.uid, i.gid, i.mtime_ns, i.size, i.version, v.state, i.target"
+                " FROM inodes i LEFT JOIN versions v ON v.id = i.version"
+            ).fetchall()
+        }
+        children: dict[int, list[tuple[bytes, int]]] = {}
+        for parent, name, ino in self.db.execute("SELECT parent, name, inode FROM dirents").fetchall():
+            children.setdefault(int(parent), []).append((bytes(name), int(ino)))
+        out: list[Entry] = []
+        todo: list[tuple[int, bytes]] = [(1, b"")]
+        while todo:
+            parent, prefix = todo.pop()
+            for name, ino in children.get(parent, []):
+                r = inodes.get(ino)
+                if r is None:
+                    continue
+                path = prefix + b"/" + name
+                out.append(
+                    Entry(
+                        path,
+                        ino,
+                        int(r[1]),
+                        int(r[2]),
+                        int(r[3]),
+                        int(r[4]),
+                        int(r[5]),
+                        None if r[6] is None else VersionId(int(r[6])),
+                        r[7],
+                        None if r[8] is None else bytes(r[8]),
+                    )
+                )
+                if ino in children:
+                    todo.append((ino, path))
+        return out
+
+    def is_empty(self) -> bool:
+        """Nothing but the root: a new cache (recovery from the store may fill it)."""
+        return self.db.one("SELECT 1 FROM dirents LIMIT 1") is None and self.db.one("SELECT 1 FROM versions") is None
+
+    def import_entries(self, entries: list[ImportEntry]) -> int:
+        """Fill an empty namespace from the store's (recovery): inodes, entries, ``remote`` versions with
+        their extents, and the chunk rows (with where each frame is in the store, no local frame).
+        ``entries`` are sorted so that a directory comes before what it holds. One transaction."""
+        ino_of: dict[bytes, int] = {b"": 1}
+        now = time.time_ns()
+        with self.db.transaction() as c:  # atomic: no await until commit
+            c.execute(  # the root (the namespace layer makes it too, when it is the one opening the cache)
+                "INSERT OR IGNORE INTO inodes (id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns)"
+                " VALUES (1, ?, ?, ?, 2, 0, ?, ?, ?)",
+                (stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now),
+            )
+            for e in entries:
+                parent_path, _, name = e.path.rpartition(b"/")
+                parent = ino_of[parent_path]
+                ino = c.execute(
+                    "INSERT INTO inodes (mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, target)"
+                    " VALUES (?,?,?,?,?,?,?,?,?)",
+                    (e.mode, e.uid, e.gid, 2 if e.is_dir else 1, e.size, e.mtime_ns, e.mtime_ns, now, e.target),
+                ).lastrowid
+                assert ino is not None
+                c.execute("INSERT INTO dirents (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
+                if e.is_dir:
+                    ino_of[e.path] = ino
+                    c.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id=?", (parent,))
+                if e.extents is None or not e.size:
+                    continue
+                vid = c.execute(
+                    "INSERT INTO versions (inode, state, size, created_ns) VALUES (?,?,?,?)",
+                    (ino, VersionState.REMOTE.value, e.size, e.mtime_ns),
+                ).lastrowid
+                c.execute("UPDATE inodes SET version=? WHERE id=?", (vid, ino))
+                c.executemany(
+                    "INSERT INTO extents (version, offset, length, chunk) VALUES (?,?,?,?)",
+                    [(vid, off, n, cid) for off, n, cid in e.extents],
+                )
+                c.executemany(
+                    "INSERT OR IGNORE INTO chunks (id, codec, raw_len, stored, refcount, base, depth, remote,"
+                    " remote_off, remote_len) VALUES (?,?,?,?,0,?,?,?,?,?)",
+                    [
+                        (r.id, r.codec, r.raw_len, r.stored, r.base, r.depth, r.remote, r.remote_off, r.remote_len)
+                        for r in e.chunks
+                    ],
+                )
+            c.execute(
+                "UPDATE chunks SET refcount = (SELECT count(*) FROM extents x WHERE x.chunk = chunks.id)"
+                " + (SELECT count(*) FROM chunks d WHERE d.base = chunks.id)"
+            )
+        return len(entries)
+
+    def published(self) -> dict[bytes, bytes]:
+        return {bytes(p): bytes(d) for p, d in self.db.execute("SELECT path, digest FROM published").fetchall()}
+
+    def commit_published(self, changes: dict[bytes, bytes | None], remote: Iterable[VersionId]) -> None:
+        """After a journal segment is in the store: remember what it published (None: a tombstone, the
+        path is forgotten) and make its versions ``remote``."""
+        with self.db.transaction() as c:  # atomic: no await until commit
+            for path, digest in changes.items():
+                if digest is None:
+                    c.execute("DELETE FROM published WHERE path=?", (path,))
+                else:
+                    c.execute("INSERT OR REPLACE INTO published (path, digest) VALUES (?, ?)", (path, digest))
+            for vid in remote:
+                c.execute(
+                    "UPDATE versions SET state=? WHERE id=? AND state=?",
+                    (VersionState.REMOTE.value, vid, VersionState.LOCAL.value),
+                )
+                c.execute("DELETE FROM upload_queue WHERE version=?", (vid,))
+
+    def uploaded_unpublished(self, vids: Iterable[VersionId]) -> None:
+        """Versions whose chunks are all remote but no path shows them (fallbacks, unlinked files): they
+        leave the queue and stay ``local``; the store has their frames, no journal names them."""
+        with self.db.transaction() as c:
+            c.executemany("DELETE FROM upload_queue WHERE version=?", [(v,) for v in vids])
+
+    def failed(self, vids: Iterable[VersionId], error: str) -> None:
+        with self.db.transaction() as c:
+            c.executemany(
+                "UPDATE upload_queue SET attempts = attempts + 1, last_error=? WHERE version=?",
+                [(error, v) for v in vids],
+            )
+
+    def summary(self) -> QueueSummary:
+        row = self.db.one(
+            "SELECT count(*), coalesce(sum(v.size), 0), min(q.queued_ns) FROM upload_queue q"
+            " JOIN versions v ON v.id = q.version"
+        )
+        assert row is not None
+        failing = [
+            (None if p is None else bytes(p), int(a), str(e))
+            for p, a, e in self.db.execute(
+                "SELECT (SELECT d.name FROM dirents d WHERE d.inode = v.inode LIMIT 1), q.attempts, q.last_error"
+                " FROM upload_queue q JOIN versions v ON v.id = q.version WHERE q.last_error IS NOT NULL"
+                " ORDER BY q.attempts DESC LIMIT 5"
+            ).fetchall()
+        ]
+        return QueueSummary(
+            int(row[0]),
+            int(row[1]),
+            None if row[2] is None else int(row[2]),
+            failing[0][2] if failing else None,
+            failing,
+        )

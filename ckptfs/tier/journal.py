@@ -1,0 +1,81 @@
+"""The namespace journal: path events built from the local namespace, and the order-independent merge
+of every writer's events (docs/architecture.md, "The namespace journal"). Pure functions."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterable
+from typing import Any
+
+import xxhash
+
+from ckptfs.meta.tiering import ChunkRow, Entry
+from ckptfs.tier.layout import path_text
+from ckptfs.types import ChunkId
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def digest(e: Entry) -> bytes:
+    """What, if it changes, makes a path publish again (atime and ctime do not)."""
+    key = repr((kind_of(e.mode), e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.version, e.target))
+    return xxhash.xxh3_128_digest(key.encode())
+
+
+def event(e: Entry, extents: list[tuple[int, int, ChunkId]], chunks: Iterable[ChunkRow]) -> dict[str, Any]:
+    """The journal event of a path. For a file, ``chunks`` holds every chunk of ``extents`` and their
+    bases: object, offset, length, base, depth, plain length and codec of its frame, so a reader can
+    fetch a whole chain at once."""
+    ev: dict[str, Any] = {
+        "path": path_text(e.path),
+        "kind": kind_of(e.mode),
+        "mode": e.mode,
+        "uid": e.uid,
+        "gid": e.gid,
+        "mtime": e.mtime_ns,
+    }
+    if ev["kind"] == "file":
+        ev["size"] = e.size
+        ev["extents"] = [[off, n, cid.hex()] for off, n, cid in extents]
+        ev["chunks"] = {
+            r.id.hex(): [
+                r.remote,
+                r.remote_off,
+                r.remote_len,
+                None if r.base is None else r.base.hex(),
+                r.depth,
+                r.raw_len,
+                r.codec,
+            ]
+            for r in chunks
+        }
+    elif ev["kind"] == "symlink":
+        ev["target"] = path_text(e.target or b"")
+    return ev
+
+
+def tombstone(path: bytes) -> dict[str, Any]:
+    return {"path": path_text(path), "kind": "gone"}
+
+
+def merge(segments: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every live path and its winning event, from decoded segments in any order: for each path the
+    event with the greatest (segment time, writer id, position in the segment) wins, and a ``gone``
+    that wins removes the path."""
+    best: dict[str, tuple[tuple[int, str, int], dict[str, Any]]] = {}
+    for seg in segments:
+        ts, writer = int(seg["ts"]), str(seg["writer"])
+        for i, ev in enumerate(seg["events"]):
+            rank = (ts, writer, i)
+            cur = best.get(ev["path"])
+            if cur is None or rank > cur[0]:
+                best[ev["path"]] = (rank, ev)
+    return {p: ev for p, (_, ev) in best.items() if ev["kind"] != "gone"}

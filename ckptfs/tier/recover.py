@@ -1,0 +1,141 @@
+"""Recovery from the store alone: every writer's journal segments, fetched in parallel and merged in any
+order (``journal.merge``), become the namespace of an empty cache. Files come back ``remote``: their
+chunks have rows that say where each frame is in the store and no local frame, so the first read
+fetches them (``cache.remote``).
+
+Used by the daemon when an empty cache is mounted against a store that has a journal, and by
+``ckptfs recover``.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ckptfs.backend.base import ObjectStore
+from ckptfs.errors import BackendError, ObjectNotFound, UserError
+from ckptfs.meta import Database
+from ckptfs.meta.tiering import ChunkRow, ImportEntry, Tiering
+from ckptfs.tier import journal
+from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment, path_bytes
+from ckptfs.types import ChunkId
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    segments: int
+    files: int
+    dirs: int
+    others: int
+    bytes: int
+
+
+def load_view(store: ObjectStore, threads: int = 16, progress: Progress | None = None) -> tuple[int, dict[str, Any]]:
+    """(segments read, merged view) of the store's journal. A segment that cannot be decoded is skipped
+    with a warning (an interrupted writer cannot leave one: puts are atomic), one that vanished between
+    list and get too. Raises ``BackendError``."""
+    keys = list(store.list(JOURNAL_PREFIX))
+    done = 0
+
+    def one(key: str) -> dict[str, Any] | None:
+        try:
+            return decode_segment(store.get(key))
+        except ObjectNotFound:
+            return None
+        except ValueError as exc:
+            log.warning("recovery: journal segment %s is unreadable (%s); skipped", key, exc)
+            return None
+
+    segments = []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
+        for seg in pool.map(one, keys):
+            done += 1
+            if progress:
+                progress(done, len(keys))
+            if seg is not None:
+                segments.append(seg)
+    return len(segments), journal.merge(segments)
+
+
+def _chunk_rows(ev: dict[str, Any]) -> list[ChunkRow]:
+    rows = []
+    for cid, (key, off, length, base, depth, raw_len, codec) in ev["chunks"].items():
+        rows.append(
+            ChunkRow(
+                ChunkId(bytes.fromhex(cid)),
+                int(codec),
+                int(length),
+                int(raw_len),
+                None if base is None else ChunkId(bytes.fromhex(base)),
+                int(depth),
+                str(key),
+                int(off or 0),
+                int(length),
+            )
+        )
+    return rows
+
+
+def entries(view: dict[str, Any]) -> list[ImportEntry]:
+    """The view as rows to import, every directory before what it holds (missing parents are made)."""
+    out: dict[bytes, ImportEntry] = {}
+    for text, ev in view.items():
+        path = path_bytes(text)
+        if not path.startswith(b"/") or path == b"/":
+            continue
+        kind = ev["kind"]
+        mode = int(ev["mode"])
+        if kind == "file":
+            ext = [(int(o), int(n), ChunkId(bytes.fromhex(c))) for o, n, c, *_ in ev["extents"]]
+            out[path] = ImportEntry(
+                path, mode, ev["uid"], ev["gid"], ev["mtime"], int(ev["size"]), False, None, ext, _chunk_rows(ev)
+            )
+        elif kind == "symlink":
+            target = path_bytes(ev["target"])
+            out[path] = ImportEntry(path, mode, ev["uid"], ev["gid"], ev["mtime"], len(target), False, target, None, [])
+        else:
+            out[path] = ImportEntry(path, mode, ev["uid"], ev["gid"], ev["mtime"], 0, kind == "dir", None, None, [])
+    for path in list(out):  # a parent with no live dir event of its own (made implicitly)
+        parent = path.rpartition(b"/")[0]
+        while parent and parent not in out:
+            out[parent] = ImportEntry(parent, stat.S_IFDIR | 0o755, 0, 0, 0, 0, True, None, None, [])
+            parent = parent.rpartition(b"/")[0]
+    for path in list(out):  # something under a path that is not a directory: the directory wins
+        parent = path.rpartition(b"/")[0]
+        if parent and not out[parent].is_dir:
+            log.warning("recovery: %r is not a directory but holds %r; made a directory", parent, path)
+            p = out[parent]
+            out[parent] = ImportEntry(parent, stat.S_IFDIR | 0o755, p.uid, p.gid, p.mtime_ns, 0, True, None, None, [])
+    return sorted(out.values(), key=lambda e: (e.path.count(b"/"), e.path))
+
+
+def rebuild(db: Database, store: ObjectStore, progress: Progress | None = None) -> Recovered | None:
+    """Fill an empty cache's namespace from the store. None when the store has no journal (a new store).
+    Raises ``UserError`` if the cache is not empty, ``BackendError`` if the store fails."""
+    tiering = Tiering(db)
+    if not tiering.is_empty():
+        raise UserError("recover: the cache already holds a namespace; recover into an empty cache directory")
+    try:
+        nseg, view = load_view(store, progress=progress)
+    except BackendError:
+        raise
+    if not nseg:
+        return None
+    rows = entries(view)
+    tiering.import_entries(rows)
+    # What this new incarnation has "published" is what it recovered: only later changes go in its journal.
+    tiering.commit_published({e.path: journal.digest(e) for e in tiering.namespace()}, [])
+    return Recovered(
+        segments=nseg,
+        files=sum(1 for e in rows if e.extents is not None),
+        dirs=sum(1 for e in rows if e.is_dir),
+        others=sum(1 for e in rows if e.extents is None and not e.is_dir),
+        bytes=sum(e.size for e in rows if e.extents is not None),
+    )

@@ -1,0 +1,347 @@
+"""The uploader: durable local versions -> frames and packs in the store -> a journal segment naming them
+-> state ``remote``. The protocol and its order are in docs/architecture.md ("What the uploader does").
+
+One trio task. Metadata through ``meta.tiering`` on the trio thread; frames read and objects put in
+worker threads, at most ``concurrency`` requests at once, optionally under a bandwidth cap.
+
+Failures never lose anything: a transient backend error (the store down, 503, resets) leaves every
+row queued with its attempts and last error, and the next round tries again after a backoff; a
+permanent one (credentials, a missing bucket) is logged by name once and retried slowly, so fixing
+the cause resumes uploads. Local writes go on into the cache either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ckptfs.backend.base import ObjectStore
+from ckptfs.cache import ChunkCache
+from ckptfs.cache.store import SMALL_FRAME
+from ckptfs.errors import BackendError, ChunkMissing, ObjectNotFound, PermanentBackendError, UserError
+from ckptfs.meta import Database
+from ckptfs.meta.tiering import ChunkRow, Tiering
+from ckptfs.tier import journal
+from ckptfs.tier.layout import (
+    MARKER_KEY,
+    build_pack,
+    check_marker,
+    encode_segment,
+    frame_key,
+    marker,
+    path_text,
+    segment_key,
+)
+from ckptfs.types import VersionId, VersionState
+
+log = logging.getLogger(__name__)
+
+_BATCH = 32  # versions per round
+_PACK_BYTES = 16 * 1024 * 1024  # small frames per pack at most
+_STRAYS = 256  # re-encoded chunks of uploaded versions put up again per round
+
+
+@dataclass
+class UploadStats:
+    """What ``ckptfs status`` and the benchmarks report."""
+
+    bytes_sent: int = 0
+    objects_sent: int = 0
+    objects_skipped: int = 0  # already in the store (another node, an earlier life)
+    segments: int = 0
+    rounds: int = 0
+    last_error: str | None = None
+    last_error_ns: int | None = None
+
+
+def prepare_store(store: ObjectStore) -> None:
+    """Blocking, before mounting: the store's format marker is one we read, or it is written now."""
+    try:
+        data = store.get(MARKER_KEY)
+    except ObjectNotFound:
+        store.put(MARKER_KEY, marker())
+        return
+    problem = check_marker(data)
+    if problem:
+        raise UserError(f"store: refusing to use it: {problem}")
+
+
+class _Throttle:
+    """A token bucket in bytes per second (0 = no cap)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    async def take(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        now = trio.current_time()
+        start = max(now, self._next)
+        self._next = start + nbytes / self.rate
+        if start > now:
+            await trio.sleep(start - now)
+
+
+class Uploader:
+    def __init__(
+        self,
+        db: Database,
+        cache: ChunkCache,
+        store: ObjectStore,
+        writer: str,
+        concurrency: int = 8,
+        bandwidth: float = 0.0,
+        interval: float = 0.5,
+        healthy: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.healthy = healthy  # failsafe mode stops uploads: they write metadata
+        self.db = db
+        self.tiering = Tiering(db)
+        self.cache = cache
+        self.store = store
+        self.writer = writer
+        self.interval = interval
+        self._limit = trio.CapacityLimiter(concurrency)
+        self._in_memory = trio.Semaphore(concurrency * 2)  # large frames read and not yet put
+        self._throttle = _Throttle(bandwidth)
+        self._wake = trio.Event()
+        self._seen_changes = -1
+        self._last_ts = 0
+        self.stats = UploadStats()
+        self._round = trio.Lock()  # the loop and a drain at unmount never run a round at once
+        self._force = False  # a flush asked for a round whatever the change counter says
+        self._finished = 0  # rounds finished
+        self._round_done = trio.Event()
+        self._sent: list[tuple[float, int]] = []  # (monotonic time, bytes) of recent puts, for the rate
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        requeued = self.tiering.requeue_local()
+        if requeued:
+            log.info("upload: %d local versions queued again", requeued)
+        task_status.started()
+        backoff = 0.0
+        while True:
+            with trio.move_on_after(backoff or self.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            changes = self.db.conn.total_changes
+            if not self.healthy() or (changes == self._seen_changes and not backoff and not self._force):
+                continue  # nothing was written since the last round that finished
+            self._force = False
+            try:
+                await self.round()
+            except BackendError as exc:
+                backoff = min(max(1.0, backoff * 2), 60.0)
+                self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
+                continue
+            backoff = 0.0
+            self._seen_changes = changes
+
+    def _failed(self, message: str, permanent: bool) -> None:
+        first = self.stats.last_error != message
+        self.stats.last_error, self.stats.last_error_ns = message, time.time_ns()
+        self.tiering.failed(self.tiering.pending(_BATCH), message)
+        if first:
+            (log.error if permanent else log.warning)("upload: %s; retrying (nothing is lost)", message)
+
+    async def round(self) -> None:
+        """Upload what the queue holds, then publish the namespace changes. Raises ``BackendError``."""
+        async with self._round:
+            self.stats.rounds += 1
+            vids = self.tiering.pending(_BATCH)
+            if vids:
+                await self._upload_chunks(self.tiering.closure(vids))
+            # frames re-encoded (repack, compaction) after their versions went up: their new frames go up
+            # too, or the chunks could never leave the cache
+            await self._upload_chunks(self.tiering.not_uploaded(_STRAYS))
+            await self._publish(vids)
+            self._finished += 1
+            self._round_done.set()
+            self._round_done = trio.Event()
+
+    # -- frames and packs ---------------------------------------------------------------------------------
+
+    async def _upload_chunks(self, rows: list[ChunkRow]) -> None:
+        """Put up every row's frame that is not in the store yet: large ones as objects of their own (at
+        most ``concurrency`` read into memory at once), small ones in packs of up to ``_PACK_BYTES``.
+        What went up is recorded even when something beside it failed; then the first error is raised."""
+        todo = [r for r in rows if r.remote is None]
+        if not todo:
+            return
+        done: list[tuple[ChunkRow, str, int, int]] = []
+        errors: list[BaseException] = []
+        small: list[tuple[ChunkRow, bytes]] = []
+        async with trio.open_nursery() as nursery:
+            for r in todo:
+                frame = self.cache.small(r.id) if r.stored <= SMALL_FRAME else None
+                if frame is None:
+                    nursery.start_soon(self._put_frame, r, done, errors)
+                    continue
+                small.append((r, frame))
+                if sum(len(f) for _, f in small) >= _PACK_BYTES:
+                    await self._put_pack(small, done, errors)
+                    small = []
+            if small:
+                await self._put_pack(small, done, errors)
+        self.tiering.record_remote(done)
+        if errors:
+            raise errors[0]
+
+    async def _put_pack(
+        self,
+        frames: list[tuple[ChunkRow, bytes]],
+        done: list[tuple[ChunkRow, str, int, int]],
+        errors: list[BaseException],
+    ) -> None:
+        pack = build_pack([(r.id, f) for r, f in frames])
+        try:
+            await self._put(pack.key, pack.data)
+        except BackendError as exc:
+            errors.append(exc)
+            return
+        done += [(r, pack.key, *pack.offsets[r.id]) for r, _ in frames]
+
+    async def _put_frame(
+        self, row: ChunkRow, done: list[tuple[ChunkRow, str, int, int]], errors: list[BaseException]
+    ) -> None:
+        """One large frame (unless the same bytes are already there: names are content-addressed). A
+        backend error is collected, not raised: the frames beside it go on."""
+        async with self._in_memory:
+            try:
+                frame = await trio.to_thread.run_sync(self.cache.get, row.id, limiter=self._limit)
+            except ChunkMissing as exc:
+                if self.db.one("SELECT 1 FROM chunks WHERE id=?", (row.id,)) is not None:
+                    errors.append(exc)  # the metadata names it and the cache lacks it: say so, by id
+                return  # collected meanwhile: its version is gone too
+            key = frame_key(row.id, frame)
+            try:
+                try:
+                    await trio.to_thread.run_sync(self.store.head, key, limiter=self._limit)
+                    self.stats.objects_skipped += 1
+                except ObjectNotFound:
+                    await self._put(key, frame)
+            except BackendError as exc:
+                errors.append(exc)
+                return
+        done.append((row, key, 0, len(frame)))
+
+    async def _put(self, key: str, data: bytes) -> None:
+        await self._throttle.take(len(data))
+        await trio.to_thread.run_sync(self.store.put, key, data, limiter=self._limit)
+        self.stats.bytes_sent += len(data)
+        self.stats.objects_sent += 1
+        now = time.monotonic()
+        self._sent.append((now, len(data)))
+        while self._sent and self._sent[0][0] < now - 60:
+            self._sent.pop(0)
+
+    # -- the namespace journal ----------------------------------------------------------------------------
+
+    async def _publish(self, queued: list[VersionId]) -> None:
+        entries = self.tiering.namespace()
+        old = self.tiering.published()
+        events: list[dict[str, Any]] = []
+        changes: dict[bytes, bytes | None] = {}
+        remote: list[VersionId] = []
+        seen = set()
+        for e in entries:
+            seen.add(e.path)
+            d = journal.digest(e)
+            if old.get(e.path) == d:
+                continue
+            extents, rows = [], []
+            if journal.kind_of(e.mode) == "file" and e.version is not None:
+                if e.state == VersionState.STAGED.value:
+                    continue  # its last published version stays until this one is remote
+                rows = self.tiering.closure([e.version])
+                if any(r.remote is None for r in rows):
+                    continue  # not all up yet (a later round)
+                extents = self.tiering.extents(e.version)
+                if e.state == VersionState.LOCAL.value:
+                    remote.append(e.version)
+            events.append(journal.event(e, extents, rows))
+            changes[e.path] = d
+        for path in old:
+            if path not in seen:
+                events.append(journal.tombstone(path))
+                changes[path] = None
+        if events:
+            ts = max(time.time_ns(), self._last_ts + 1)
+            self._last_ts = ts
+            key = segment_key(self.writer, ts)
+            await self._put(key, encode_segment(self.writer, ts, events))
+            self.stats.segments += 1
+            self.tiering.commit_published(changes, remote)
+        # queued versions no path shows (fallbacks, unlinked while open) leave the queue once uploaded
+        shown = set(remote)
+        stray = [v for v in queued if v not in shown and all(r.remote is not None for r in self.tiering.closure([v]))]
+        if stray:
+            current = {e.version for e in entries}
+            self.tiering.uploaded_unpublished([v for v in stray if v not in current])
+
+    def rate(self) -> float:
+        """Bytes per second put over the last minute."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._sent if t >= now - 60]
+        if not recent:
+            return 0.0
+        return sum(n for _, n in recent) / max(1.0, now - recent[0][0])
+
+    def unpublished(self, prefix: bytes = b"") -> list[str]:
+        """Paths at or under ``prefix`` whose current state is not in the store's journal yet: a changed or
+        new path (a staged or not yet uploaded file included), or a removed one."""
+        old = self.tiering.published()
+        out: list[str] = []
+        seen = set()
+
+        def under(path: bytes) -> bool:
+            return not prefix or path == prefix or path.startswith(prefix.rstrip(b"/") + b"/")
+
+        for e in self.tiering.namespace():
+            seen.add(e.path)
+            if under(e.path) and old.get(e.path) != journal.digest(e):
+                out.append(path_text(e.path))
+        out += [path_text(p) + " (removed)" for p in old if p not in seen and under(p)]
+        return sorted(out)
+
+    async def flush(self, prefix: bytes, timeout: float) -> list[str]:
+        """Until everything under ``prefix`` is in the store or ``timeout`` passes: the paths still missing."""
+        missing = self.unpublished(prefix)
+        with trio.move_on_after(timeout):
+            while missing:
+                target = self._finished + 1 + self._round.locked()  # a round that starts from now
+                while self._finished < target:
+                    self._force = True
+                    self.wake()
+                    await self._round_done.wait()
+                missing = self.unpublished(prefix)
+        return missing
+
+    async def drain(self, timeout: float) -> bool:
+        """At unmount: upload until the queue is empty or ``timeout`` passes. True if it emptied."""
+        if not self.healthy():
+            return False
+        with trio.move_on_after(timeout if math.isfinite(timeout) else 1e9):
+            while self.tiering.pending(1):
+                try:
+                    await self.round()
+                except BackendError as exc:
+                    self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
+                    await trio.sleep(1)
+            try:
+                await self.round()  # namespace changes with no version to upload
+            except BackendError as exc:
+                self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
+                return False
+            return True
+        return False

@@ -1,0 +1,25 @@
+"""Reading a store the way a new node would, from the bucket alone: every journal segment, merged."""
+
+from __future__ import annotations
+
+from ckptfs.backend.base import ObjectStore
+from ckptfs.tier.fetch import read_file
+from ckptfs.tier.journal import merge
+from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment
+
+
+def view(store: ObjectStore) -> dict[str, dict]:
+    return merge(decode_segment(store.get(k)) for k in store.list(JOURNAL_PREFIX))
+
+
+def files(store: ObjectStore) -> dict[str, bytes]:
+    """Every file path in the bucket's namespace and its bytes, decoded and verified."""
+    return {p: read_file(store, ev) for p, ev in view(store).items() if ev["kind"] == "file"}
+
+
+def s3_store(server, bucket: str, prefix: str = ""):
+    from ckptfs.backend.s3 import S3Settings, S3Store
+    from tests.s3server import ACCESS_KEY, SECRET_KEY
+
+    return S3Store(S3Settings(bucket=bucket, prefix=prefix, endpoint=server.endpoint, region="us-east-1",
+                              access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, retries=3))

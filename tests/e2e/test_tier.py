@@ -1,0 +1,355 @@
+"""Tiering through a real mount into a real store (a local directory, and SeaweedFS over S3): the bucket
+alone holds every committed file and the namespace (renames, unlinks, directory moves, links);
+uploads survive kill -9 and a store that goes away; ``flush`` and ``status`` tell the truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+import pytest
+import torch
+
+from ckptfs.backend import LocalDirStore
+from tests import bucket
+from tests.helpers import make_state
+
+
+def _store_for(kind, request, tmp_path):
+    """(store URL, env for the daemon, a store object to inspect it with)."""
+    if kind == "file":
+        root = tmp_path / "objects"
+        return f"file://{root}", {}, LocalDirStore(root)
+    server = request.getfixturevalue("s3_server")
+    name = server.new_bucket()
+    return f"s3://{name}/ckpt", server.env(), bucket.s3_store(server, name, "ckpt")
+
+
+def _save(path, state) -> bytes:
+    torch.save(state, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_the_bucket_alone_holds_every_file_and_the_namespace(kind, request, tmp_path, mount_factory):
+    url, env, store = _store_for(kind, request, tmp_path)
+    m = mount_factory(env=env, store=url)
+    expected: dict[str, bytes] = {}
+    m.path("run").mkdir()
+    for step in (10, 20, 30):  # a series 10 optimizer steps apart: delta chains in the bucket
+        expected[f"/run/step_{step:06d}.pt"] = _save(m.path("run", f"step_{step:06d}.pt"), make_state(steps=step))
+    m.path("small.txt").write_bytes(b"tiny")
+    expected["/small.txt"] = b"tiny"
+    m.path("empty").write_bytes(b"")
+    expected["/empty"] = b""
+    blob = os.urandom(3 * 1024 * 1024)  # content-defined chunks
+    m.path("blob.bin").write_bytes(blob)
+    expected["/blob.bin"] = blob
+    m.cli("flush", "--wait", "--timeout", "120", str(m.mnt))
+    assert bucket.files(store) == expected
+
+    # Namespace changes after the upload: a rename, a directory move, an unlink, a hard link, a
+    # symlink, a chmod, an overwrite of an uploaded file.
+    m.path("old").mkdir()
+    os.rename(m.path("run", "step_000010.pt"), m.path("old", "step_000010.pt"))
+    expected["/old/step_000010.pt"] = expected.pop("/run/step_000010.pt")
+    os.rename(m.path("run"), m.path("runs"))
+    for p in [p for p in expected if p.startswith("/run/")]:
+        expected["/runs/" + p[len("/run/") :]] = expected.pop(p)
+    os.unlink(m.path("blob.bin"))
+    del expected["/blob.bin"]
+    os.link(m.path("small.txt"), m.path("small-link.txt"))
+    expected["/small-link.txt"] = b"tiny"
+    os.symlink("runs/step_000030.pt", m.path("latest"))
+    os.chmod(m.path("small.txt"), 0o600)
+    expected["/runs/step_000020.pt"] = _save(m.path("runs", "step_000020.pt"), make_state(steps=25))
+    m.cli("flush", "--wait", "--timeout", "120", str(m.mnt))
+    for st in ("remote",):
+        assert m.state("runs/step_000020.pt") == st
+    view = bucket.view(store)
+    assert bucket.files(store) == expected
+    assert view["/latest"]["kind"] == "symlink" and view["/latest"]["target"] == "runs/step_000030.pt"
+    assert view["/old"]["kind"] == "dir" and "/run" not in view
+    assert stat.S_IMODE(view["/small.txt"]["mode"]) == 0o600
+    # nothing was deleted from the bucket: the overwritten and unlinked versions' objects are all there
+    m.umount()
+    assert all(k.startswith(("chunks/", "packs/", "journal/", "ckptfs.json")) for k in store.list(""))
+
+
+@pytest.mark.s3
+def test_kill9_with_uploads_pending_then_the_queue_drains_after_a_remount(tmp_path, s3_server, mount_factory):
+    name = s3_server.new_bucket()
+    store = bucket.s3_store(s3_server, name)
+    slow = {**s3_server.env(), "CKPTFS_UPLOAD_BANDWIDTH_MB": "0.2"}  # 4 MB files take ~20 s each
+    m = mount_factory(env=slow, store=f"s3://{name}")
+    expected = {}
+    for i in range(3):
+        data = os.urandom(4 * 1024 * 1024)
+        m.path(f"f{i}.bin").write_bytes(data)
+        expected[f"/f{i}.bin"] = data
+    m.wait_local(*(f"f{i}.bin" for i in range(3)))
+    assert {m.state(f"f{i}.bin") for i in range(3)} == {"local"}
+    m.kill9()
+    cache = m.cache
+    m2 = mount_factory(env=s3_server.env(), cache=cache, store=f"s3://{name}")
+    m2.cli("flush", "--wait", "--timeout", "120", str(m2.mnt))
+    assert {m2.state(f"f{i}.bin") for i in range(3)} == {"remote"}
+    assert bucket.files(store) == expected
+    m2.umount()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_store_down_writes_go_on_then_uploads_resume_and_flush_names_what_is_missing(tmp_path, mount_factory):
+    from tests.s3server import running_server
+
+    server = running_server(tmp_path / "weed")
+    try:
+        name = server.new_bucket()
+        env = {**server.env(), "CKPTFS_S3_RETRIES": "2", "CKPTFS_S3_TIMEOUT_S": "2"}
+        m = mount_factory(env=env, store=f"s3://{name}")
+        m.path("before.bin").write_bytes(b"b" * 100_000)
+        m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+        server.stop()
+        data = os.urandom(2 * 1024 * 1024)
+        m.path("during.bin").write_bytes(data)  # the cache takes it; close() does not wait for the store
+        m.wait_local("during.bin")
+        assert m.path("during.bin").read_bytes() == data
+        res = m.cli("flush", "--wait", "--timeout", "3", str(m.mnt), check=False)
+        assert res.returncode == 2
+        assert "/during.bin" in res.stderr and "not in the store yet" in res.stderr
+        deadline = time.monotonic() + 30
+        while True:  # the uploader has noticed and says so
+            st = json.loads(m.cli("status", "--json", str(m.mnt)).stdout)
+            if st["upload"]["last_error"]:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.5)
+        assert st["upload"]["queued_versions"] == 1 and st["upload"]["oldest_pending_s"] > 0
+        assert "failed 2 times" in st["upload"]["last_error"] or "cannot" in st["upload"]["last_error"]
+        server.start()
+        m.cli("flush", "--wait", "--timeout", "120", str(m.mnt))
+        assert m.state("during.bin") == "remote"
+        store = bucket.s3_store(server, name)
+        assert bucket.files(store) == {"/before.bin": b"b" * 100_000, "/during.bin": data}
+        m.expect_errors = True  # the outage was logged
+        m.umount()
+    finally:
+        server.stop()
+
+
+def test_status_reports_the_queue_and_the_socket_is_private(mount):
+    mount.path("a.bin").write_bytes(os.urandom(1_000_000))
+    mount.cli("flush", "--wait", "--timeout", "60", str(mount.mnt))
+    st = json.loads(mount.cli("status", "--json", str(mount.mnt)).stdout)
+    up = st["upload"]
+    assert up["queued_versions"] == 0 and up["oldest_pending_s"] is None
+    assert up["bytes_sent"] >= 1_000_000 and up["objects_sent"] >= 2  # the frame and a journal segment
+    assert st["cache"]["chunk_bytes"] >= 1_000_000 and st["failsafe"] is None
+    sock = mount.cache / "control.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    text = mount.cli("status", str(mount.mnt)).stdout
+    assert "0 versions queued" in text and "journal segment" in text
+
+
+@pytest.mark.slow
+def test_compaction_after_upload_uploads_the_new_frame_under_a_new_name(mount_factory, tmp_path):
+    store = LocalDirStore(tmp_path / "objects")
+    m = mount_factory(store=f"file://{tmp_path / 'objects'}")
+    expected = {"/m.pt": _save(m.path("m.pt"), make_state(width=512, steps=3))}
+    m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+    before = set(store.list("chunks/"))
+    deadline = time.monotonic() + 60
+    while True:  # pcodec re-encodes float chunks while ingest is idle, each a new frame to upload
+        m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+        after = set(store.list("chunks/"))
+        if after - before:
+            break
+        assert time.monotonic() < deadline, "compaction re-encoded nothing"
+        time.sleep(1)
+    assert before <= after  # the old frames stay: a published journal names them
+    ids = [k.split("/")[-1].split(".")[0] for k in after]
+    assert len(ids) > len(set(ids))  # one chunk id, two frames: a new name, never an overwrite
+    assert bucket.files(store) == expected
+    m.umount()
+
+
+def _node_a_series(m) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """A checkpoint series with the namespace changes a training job makes; returns (bytes, states)."""
+    expected: dict[str, bytes] = {}
+    states = {}
+    m.path("run7").mkdir()
+    for step in (10, 20, 30, 40):
+        states[f"/run7/step_{step:06d}.pt"] = make_state(steps=step)
+        expected[f"/run7/step_{step:06d}.pt"] = _save(
+            m.path("run7", f"step_{step:06d}.pt"), states[f"/run7/step_{step:06d}.pt"]
+        )
+    os.unlink(m.path("run7", "step_000010.pt"))  # rotation
+    del expected["/run7/step_000010.pt"]
+    torch.save(states["/run7/step_000040.pt"], m.path("run7", "tmp.pt"))
+    os.replace(m.path("run7", "tmp.pt"), m.path("run7", "latest.pt"))
+    expected["/run7/latest.pt"] = m.path("run7", "latest.pt").read_bytes()
+    states["/run7/latest.pt"] = states["/run7/step_000040.pt"]
+    m.path("run7", "meta").mkdir()
+    m.path("run7", "meta", "args.json").write_text('{"lr": 0.001}')
+    expected["/run7/meta/args.json"] = b'{"lr": 0.001}'
+    os.symlink("step_000040.pt", m.path("run7", "last"))
+    return expected, states
+
+
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_new_node_with_an_empty_cache_recovers_everything_from_the_bucket(kind, request, tmp_path, mount_factory):
+    import shutil
+
+    from tests.helpers import assert_state_equal
+
+    url, env, store = _store_for(kind, request, tmp_path)
+    a = mount_factory(env={**env, "CKPTFS_NODE_ID": "node-a"}, store=url)
+    expected, states = _node_a_series(a)
+    a.cli("flush", "--wait", "--timeout", "120", str(a.mnt))
+    a.kill9()  # node A dies; its cache dies with it
+    shutil.rmtree(a.cache)
+
+    b = mount_factory(env={**env, "CKPTFS_NODE_ID": "node-b"}, store=url)
+    assert "recovered from the store: 5 files" in b.log()
+    got = {}
+    for dirpath, _dirs, names in os.walk(b.mnt):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                got["/" + os.path.relpath(p, b.mnt)] = open(p, "rb").read()
+    assert got == expected
+    assert os.readlink(b.path("run7", "last")) == "step_000040.pt"
+    for path, state in states.items():
+        if path in expected:
+            assert_state_equal(state, torch.load(b.path(path.lstrip("/"))))
+    assert b.state("run7/step_000020.pt") == "remote"
+    # node B goes on training: a new checkpoint and another rotation, published by B's own journal
+    expected["/run7/step_000050.pt"] = _save(b.path("run7", "step_000050.pt"), make_state(steps=50))
+    os.unlink(b.path("run7", "step_000020.pt"))
+    del expected["/run7/step_000020.pt"]
+    b.cli("flush", "--wait", "--timeout", "120", str(b.mnt))
+    b.umount()
+    res = b.cli("fsck", "--cache", str(b.cache), "--verify-data", check=False)
+    assert " 0 problems" in res.stdout, res.stdout
+    assert bucket.files(store) == expected
+
+    # a third node, recovered explicitly with `ckptfs recover`, sees A's and B's files
+    c_cache = tmp_path / "node-c-cache"
+    c = mount_factory(env={**env, "CKPTFS_NODE_ID": "node-c"}, store=url, cache=c_cache, start=False)
+    res = c.cli("recover", "--cache", str(c_cache), "--store", url)
+    assert "recovered 5 files" in res.stdout, res.stdout
+    c.start()
+    assert sorted(p.name for p in c.path("run7").iterdir()) == sorted(
+        ["step_000030.pt", "step_000040.pt", "step_000050.pt", "latest.pt", "meta", "last"]
+    )
+    res = c.cli("warmup", str(c.mnt))
+    assert "warmup: 5 files" in res.stdout, res.stdout
+    for path, data in expected.items():
+        assert c.path(path.lstrip("/")).read_bytes() == data
+    c.umount()
+
+
+def test_corrupt_local_frame_heals_from_the_store_and_a_corrupt_remote_one_is_eio(mount_factory, tmp_path):
+    import shutil
+
+    from tests.helpers import flip_stored_byte
+
+    store_dir = tmp_path / "objects"
+    m = mount_factory(store=f"file://{store_dir}")
+    data = os.urandom(3 << 20)
+    m.path("ck.bin").write_bytes(data)
+    m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+    m.umount()
+    files = sorted(p for p in (m.cache / "chunks").rglob("*") if p.is_file())
+    cid = bytes.fromhex(files[0].name)
+    flip_stored_byte(m.cache, cid, pos=len(files[0].read_bytes()) // 2)
+    m.expect_errors = True  # the corruption is logged
+    m.start()
+    assert m.path("ck.bin").read_bytes() == data
+    assert "healed from the store" in m.log()
+    m.umount()
+    res = m.cli("fsck", "--cache", str(m.cache), "--verify-data", check=False)
+    assert " 0 problems" in res.stdout, res.stdout  # the local copy was rewritten
+
+    # now the store's copy is corrupt and a new node has no local one: EIO, never wrong bytes
+    obj = next(p for p in (store_dir / "chunks").rglob("*") if p.name.startswith(cid.hex()))
+    raw = bytearray(obj.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    obj.write_bytes(bytes(raw))
+    shutil.rmtree(m.cache)
+    n = mount_factory(store=f"file://{store_dir}", cache=tmp_path / "new-cache")
+    n.expect_errors = True
+    with pytest.raises(OSError) as e:
+        n.path("ck.bin").read_bytes()
+    assert e.value.errno == 5  # EIO
+    assert "corrupt chunk" in n.log()
+    n.umount()
+
+
+@pytest.mark.s3
+def test_uploads_go_through_a_store_that_answers_503_and_resets_connections(s3_server, mount_factory):
+    from tests.faultproxy import FaultProxy, Plan
+
+    proxy = FaultProxy(s3_server.ports["s3.port"])
+    try:
+        name = s3_server.new_bucket()
+        env = {**s3_server.env(), "AWS_ENDPOINT_URL_S3": proxy.endpoint, "CKPTFS_S3_TIMEOUT_S": "5"}
+        m = mount_factory(env=env, store=f"s3://{name}")
+        proxy.plan = Plan(every=3, kind="mixed")  # a third of all requests: SlowDown or a reset
+        expected = {}
+        for step in (10, 20):
+            expected[f"/s{step}.pt"] = _save(m.path(f"s{step}.pt"), make_state(width=384, steps=step))
+        m.cli("flush", "--wait", "--timeout", "180", str(m.mnt))
+        assert proxy.faults["503"] > 0 and proxy.faults["reset"] > 0
+        proxy.plan = Plan()
+        assert bucket.files(bucket.s3_store(s3_server, name)) == expected
+        m.umount()
+    finally:
+        proxy.close()
+
+
+def _status(m) -> dict:
+    return json.loads(m.cli("status", "--json", str(m.mnt)).stdout)
+
+
+def test_the_cache_cap_holds_under_a_series_larger_than_the_cap(mount_factory, tmp_path):
+    cap = 30_000_000
+    m = mount_factory(env={"CKPTFS_CACHE_MAX_GB": str(cap / 1e9)}, store=f"file://{tmp_path / 'objects'}")
+    expected = {}
+    for i in range(6):  # 60 MB of incompressible checkpoints, twice the cap
+        data = os.urandom(10_000_000)
+        m.path(f"ck{i}.bin").write_bytes(data)
+        expected[f"ck{i}.bin"] = data
+        m.cli("flush", "--wait", "--timeout", "60", str(m.path(f"ck{i}.bin")))
+    deadline = time.monotonic() + 30
+    while _status(m)["cache"]["file_bytes"] > cap:
+        assert time.monotonic() < deadline, _status(m)
+        time.sleep(0.5)
+    st = _status(m)["cache"]
+    assert st["evicted_chunks"] > 0 and st["cap_bytes"] == cap
+    res = m.cli("fsck", "--cache", str(m.cache), check=False)  # read-only, beside the daemon
+    assert " 0 problems" in res.stdout and "only in the store" in res.stdout, res.stdout
+    for name, data in expected.items():  # evicted chunks come back from the store
+        assert m.path(name).read_bytes() == data
+    assert _status(m)["cache"]["fetched_from_store"] > 0
+    m.umount()
+
+
+def test_nothing_that_is_only_local_is_evicted(mount_factory):
+    m = mount_factory(env={"CKPTFS_CACHE_MAX_GB": "0.01", "CKPTFS_UPLOAD_ENABLED": "false"})
+    expected = {}
+    for i in range(3):
+        expected[f"ck{i}.bin"] = os.urandom(8_000_000)
+        m.path(f"ck{i}.bin").write_bytes(expected[f"ck{i}.bin"])
+    m.wait_local(*expected)
+    time.sleep(3)  # several eviction passes over the cap
+    st = _status(m)["cache"]
+    assert st["evicted_chunks"] == 0 and st["file_bytes"] >= 24_000_000
+    m.umount()
+    m.start()
+    for name, data in expected.items():
+        assert m.path(name).read_bytes() == data
+    m.umount()
