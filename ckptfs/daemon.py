@@ -393,6 +393,8 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
             "evicted_bytes": c.evictor.evicted_bytes,
             "fetched_from_store": c.cache.remote.fetched if c.cache.remote else 0,
             "fetched_bytes": c.cache.remote.fetched_bytes if c.cache.remote else 0,
+            "decoded_ahead": c.reader.prefetched,
+            "fetched_ahead": c.reader.frames_prefetched,
         },
         "ingest_pending": c.ingester.pending,
     }
@@ -438,6 +440,7 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
             if c.uploader is not None:
                 nursery.start_soon(guarded, c.health, "the uploader", c.uploader.run)
             nursery.start_soon(guarded, c.health, "the cache evictor", c.evictor.run)
+            await nursery.start(c.reader.run)
             await nursery.start(ControlServer(cfg.cache.dir, c.uploader, lambda: _status(cfg, c)).run)
             nursery.start_soon(guarded, c.health, "deleting released files", c.reclaimer.run)
             nursery.start_soon(guarded, c.health, "the durable marker", c.marker.run)

@@ -37,6 +37,10 @@ class Extents:
 
 # Chunks up to this size are decoded on the trio thread: faster than a thread round trip.
 _INLINE_DECODE = 64 * 1024
+# The read-ahead window of a sequential reader starts here and doubles per read.
+_AHEAD_START = 1024 * 1024
+# Frames of cold chunks are fetched from the store at most this far ahead of a sequential reader.
+_FRAMES_AHEAD_MAX = 256 * 1024 * 1024
 # Longer delta chains than this are treated as corrupt (they cannot be written; a cycle would loop).
 MAX_CHAIN = 64
 
@@ -59,6 +63,25 @@ class ChunkReader:
         self._decoded = BytesLRU(cache_bytes, keep_last=True)
         self._pending: dict[ChunkId, trio.Event] = {}
         self._extents: OrderedDict[VersionId, Extents] = OrderedDict()
+        # Read-ahead: per version, where the last read ended and the current window; at most half the
+        # decoded cache is read ahead (more would evict what is being read), 4 chunks at once.
+        self._streams: dict[VersionId, tuple[int, int]] = {}
+        self._ahead_max = max(_AHEAD_START, cache_bytes // 2)
+        self._ahead_limit = trio.CapacityLimiter(4)
+        # Cold data: frames not in the cache are fetched from the store further ahead (up to
+        # _FRAMES_AHEAD_MAX, 8 at once), into the cache, and decoded when the decode window gets there.
+        self._frames_limit = trio.CapacityLimiter(8)
+        self._frames_seen: set[ChunkId] = set()  # fetched ahead already, or found in the cache
+        self._nursery: trio.Nursery | None = None
+        self.prefetched = 0
+        self.frames_prefetched = 0
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the read-ahead tasks until cancelled (without it, reads simply do not read ahead)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     def extents(self, vid: VersionId) -> Extents:
         ext = self._extents.get(vid)
@@ -93,6 +116,7 @@ class ChunkReader:
             return await self.chunk(cid, _depth)
         ev = self._pending[cid] = trio.Event()
         try:
+            self._fetch_chain_ahead(cid)
             frame = await self._frame(cid)
             try:
                 data = await self._decode(cid, frame, _depth)
@@ -105,6 +129,73 @@ class ChunkReader:
             ev.set()
         self._decoded.put(cid, data)
         return data
+
+    def _fetch_chain_ahead(self, cid: ChunkId) -> None:
+        """A chunk missing from the cache with a delta chain: fetch every base's frame at once (they are
+        known from the rows), instead of one after the other as the decode reaches them."""
+        if self._nursery is None or self.cache.small(cid) is not None or self.cache.has_file(cid):
+            return
+        rows = self.db.execute(
+            "WITH RECURSIVE t(id, n) AS (SELECT base, 1 FROM chunks WHERE id=? AND base IS NOT NULL"
+            " UNION SELECT c.base, t.n + 1 FROM chunks c JOIN t ON c.id = t.id WHERE c.base IS NOT NULL AND t.n < ?)"
+            " SELECT id FROM t",
+            (cid, MAX_CHAIN),
+        ).fetchall()
+        for (base,) in rows:
+            b = ChunkId(bytes(base))
+            if self._decoded.get(b) is None and b not in self._pending:
+                self._nursery.start_soon(self._prefetch, b)
+
+    async def _prefetch(self, cid: ChunkId) -> None:
+        """Decode ``cid`` into the LRU ahead of a read; errors are the demand read's to report."""
+        async with self._ahead_limit:
+            if self._decoded.get(cid) is not None or cid in self._pending:
+                return
+            try:
+                await self.chunk(cid)
+                self.prefetched += 1
+            except CorruptChunk as exc:
+                log.debug("read-ahead of chunk %s failed: %s", cid.hex(), exc)
+
+    def _read_ahead(self, vid: VersionId, ext: Extents, off: int, end: int, nxt: int) -> None:
+        """After a read of [off, end): if it continued the previous one, grow the window (doubling from
+        1 MiB to half the decoded cache) and start decoding the chunks from index ``nxt`` that fall in
+        it; a jump starts over."""
+        if self._nursery is None:
+            return
+        last_end, window = self._streams.get(vid, (-1, 0))
+        window = min(window * 2, self._ahead_max) if off == last_end else _AHEAD_START
+        self._streams[vid] = (end, window)
+        if len(self._streams) > 256:
+            self._streams.pop(next(iter(self._streams)))
+        j = nxt
+        while j < len(ext.offsets) and ext.offsets[j] < end + window:
+            cid = ext.chunks[j]
+            if self._decoded.get(cid) is None and cid not in self._pending:
+                self._nursery.start_soon(self._prefetch, cid)
+            j += 1
+        if self.cache.remote is None:
+            return
+        frames_window = min(window * 8, _FRAMES_AHEAD_MAX)
+        while j < len(ext.offsets) and ext.offsets[j] < end + frames_window:
+            cid = ext.chunks[j]
+            j += 1
+            if cid in self._frames_seen:
+                continue
+            if len(self._frames_seen) > 100_000:
+                self._frames_seen.clear()
+            self._frames_seen.add(cid)
+            if self.cache.small(cid) is None and not self.cache.has_file(cid):
+                self._nursery.start_soon(self._prefetch_frame, cid)
+
+    async def _prefetch_frame(self, cid: ChunkId) -> None:
+        """Fetch a frame the cache lacks from the store into the cache, ahead of its decode."""
+        async with self._frames_limit:
+            try:
+                await self._frame(cid)
+                self.frames_prefetched += 1
+            except CorruptChunk as exc:
+                log.debug("fetching chunk %s ahead failed: %s", cid.hex(), exc)
 
     async def _decode(self, cid: ChunkId, frame: bytes, _depth: int) -> bytes:
         hdr = parse_header(frame)
@@ -166,4 +257,5 @@ class ChunkReader:
             parts.append(data[lo:hi])
             pos = c_off + hi
             i += 1
+        self._read_ahead(vid, ext, off, end, i)
         return b"".join(parts)

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Tiering to S3 (SeaweedFS on loopback, started here), side by side with plain boto3, in one run.
+
+A ~300 MB fp32 model + AdamW state (25M parameters) is trained on the CPU and saved every 10
+optimizer steps, N times. For each save:
+
+  (a) torch.save blocking time into the mount vs into a plain directory on the same disk;
+  (b) close -> remote-durable (``user.ckptfs.state`` = remote) vs a plain boto3 ``upload_file`` of the
+      same bytes (multipart, 10 threads: boto3's defaults);
+  (e) S3 requests the mount made for the file (counted by a proxy in front of the server).
+
+Then, on a new node each time (an empty cache mounted against the bucket: recovery, then a cold read):
+
+  (c) cold torch.load of the newest checkpoint vs boto3 ``download_fileobj`` + torch.load of it;
+  (d) ``ckptfs warmup`` of the whole series, MB/s, vs boto3 downloads of the same files.
+
+Also the bucket bytes of each side. Prints a table (min / median / max) and writes JSON.
+
+    .venv/bin/python scripts/bench_tier.py --saves 6 --cold-runs 3 --json bench-tier.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.s3server import running_server  # noqa: E402
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "ckptfs", *args], capture_output=True, text=True, env=env, timeout=1800)
+    if res.returncode:
+        raise RuntimeError(f"ckptfs {' '.join(args)}: {res.stdout}{res.stderr}")
+    return res.stdout
+
+
+def mount(env: dict[str, str], cache: Path, mnt: Path, store: str) -> None:
+    mnt.mkdir(parents=True, exist_ok=True)
+    cli(env, "mount", "--cache", str(cache), "--store", store, str(mnt))
+
+
+def umount(env: dict[str, str], mnt: Path) -> None:
+    cli(env, "umount", str(mnt))
+
+
+def trainer(params_m: float):
+    torch.manual_seed(0)
+    width = 2048
+    layers = max(1, round(params_m * 1e6 / (width * width + width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def steps(n: int) -> dict:
+        for _ in range(n):
+            model(torch.randn(8, width)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+    return steps
+
+
+def timed_save(state: dict, path: Path) -> float:
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save(state, f)
+    return time.perf_counter() - t0
+
+
+def wait_remote(path: Path, timeout: float = 900) -> float:
+    t0 = time.perf_counter()
+    while os.getxattr(path, "user.ckptfs.state") != b"remote":
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{path} not remote after {timeout} s")
+        time.sleep(0.01)
+    return time.perf_counter() - t0
+
+
+def bucket_bytes(client, bucket: str) -> int:
+    total = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        total += sum(o["Size"] for o in page.get("Contents", []))
+    return total
+
+
+def mmm(xs: list[float]) -> dict[str, float]:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+
+
+def fmt(d: dict[str, float], digits: int = 3) -> str:
+    return f"{d['min']:.{digits}f} / {d['median']:.{digits}f} / {d['max']:.{digits}f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--saves", type=int, default=6)
+    ap.add_argument("--cold-runs", type=int, default=3)
+    ap.add_argument("--params-m", type=float, default=25.0)
+    ap.add_argument("--steps-apart", type=int, default=10)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    from boto3.s3.transfer import TransferConfig
+
+    work = Path(tempfile.mkdtemp(prefix="bench-tier-", dir=os.environ.get("BENCH_DIR")))
+    server = running_server(work / "weed")
+    proxy = FaultProxy(server.ports["s3.port"])  # no faults: it counts the mount's requests
+    client = server.client()
+    client.create_bucket(Bucket="ckpt")
+    client.create_bucket(Bucket="plain")
+    env = {**os.environ, **server.env(), "AWS_ENDPOINT_URL_S3": proxy.endpoint, "CKPTFS_NODE_ID": "bench"}
+    store = "s3://ckpt/run"
+    plain = work / "plain"
+    plain.mkdir()
+    mnt = work / "mnt"
+    results: dict = {"params_m": args.params_m, "steps_apart": args.steps_apart, "saves": []}
+    steps = trainer(args.params_m)
+    xfer = TransferConfig()  # boto3's defaults: multipart above 8 MB, 10 threads
+    try:
+        mount(env, work / "cache-a", mnt, store)
+        (mnt / "run7").mkdir()
+        for i in range(args.saves):
+            state = steps(args.steps_apart)
+            name = f"step_{(i + 1) * args.steps_apart:06d}.pt"
+            t_plain = timed_save(state, plain / name)
+            before = proxy.requests
+            t_mount = timed_save(state, mnt / "run7" / name)
+            t_remote = wait_remote(mnt / "run7" / name)
+            requests = proxy.requests - before
+            t0 = time.perf_counter()
+            client.upload_file(str(plain / name), "plain", name, Config=xfer)
+            t_boto = time.perf_counter() - t0
+            size = (plain / name).stat().st_size
+            row = {
+                "file": name,
+                "bytes": size,
+                "save_plain_s": t_plain,
+                "save_mount_s": t_mount,
+                "close_to_remote_s": t_remote,
+                "boto3_upload_s": t_boto,
+                "requests": requests,
+            }
+            results["saves"].append(row)
+            print(
+                f"  {name}: save {t_plain:.2f} / {t_mount:.2f} s, remote after {t_remote:.2f} s"
+                f" (boto3 upload {t_boto:.2f} s), {requests} requests",
+                flush=True,
+            )
+        cli(env, "flush", "--wait", str(mnt))
+        umount(env, mnt)
+        newest = results["saves"][-1]["file"]
+        results["bucket_bytes_ckptfs"] = bucket_bytes(client, "ckpt")
+        results["bucket_bytes_plain"] = bucket_bytes(client, "plain")
+
+        cold = []
+        for r in range(args.cold_runs):
+            cache = work / f"cache-cold-{r}"
+            t0 = time.perf_counter()
+            mount(env, cache, mnt, store)
+            t_recover = time.perf_counter() - t0
+            before = proxy.requests
+            t0 = time.perf_counter()
+            torch.load(mnt / "run7" / newest)
+            t_load = time.perf_counter() - t0
+            load_requests = proxy.requests - before
+            umount(env, mnt)
+            shutil.rmtree(cache)
+            t0 = time.perf_counter()
+            buf = io.BytesIO()
+            client.download_fileobj("plain", newest, buf, Config=xfer)
+            buf.seek(0)
+            torch.load(buf)
+            t_boto = time.perf_counter() - t0
+            cold.append(
+                {
+                    "mount_and_recover_s": t_recover,
+                    "cold_load_s": t_load,
+                    "boto3_load_s": t_boto,
+                    "load_requests": load_requests,
+                }
+            )
+            print(
+                f"  cold load {t_load:.2f} s (boto3 + load {t_boto:.2f} s), mount+recover {t_recover:.2f} s,"
+                f" {load_requests} requests",
+                flush=True,
+            )
+        results["cold"] = cold
+
+        warm = []
+        total = sum(s["bytes"] for s in results["saves"])
+        for r in range(args.cold_runs):
+            cache = work / f"cache-warm-{r}"
+            mount(env, cache, mnt, store)
+            t0 = time.perf_counter()
+            cli(env, "warmup", str(mnt / "run7"))
+            t_warm = time.perf_counter() - t0
+            umount(env, mnt)
+            shutil.rmtree(cache)
+            t0 = time.perf_counter()
+            for s in results["saves"]:
+                client.download_fileobj("plain", s["file"], io.BytesIO(), Config=xfer)
+            t_boto = time.perf_counter() - t0
+            warm.append({"warmup_mb_s": total / 1e6 / t_warm, "boto3_mb_s": total / 1e6 / t_boto})
+            print(
+                f"  warmup {total / 1e6 / t_warm:.0f} MB/s (boto3 downloads {total / 1e6 / t_boto:.0f} MB/s)",
+                flush=True,
+            )
+        results["warmup"] = warm
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proxy.close()
+        server.stop()
+
+    saves = results["saves"][1:] or results["saves"]  # the first save has no base: a keyframe
+    summary = {
+        "a_save_ratio": mmm([s["save_mount_s"] / s["save_plain_s"] for s in saves]),
+        "a_save_plain_s": mmm([s["save_plain_s"] for s in saves]),
+        "a_save_mount_s": mmm([s["save_mount_s"] for s in saves]),
+        "b_remote_ratio": mmm([s["close_to_remote_s"] / s["boto3_upload_s"] for s in saves]),
+        "b_close_to_remote_s": mmm([s["close_to_remote_s"] for s in saves]),
+        "b_boto3_upload_s": mmm([s["boto3_upload_s"] for s in saves]),
+        "c_cold_ratio": mmm([c["cold_load_s"] / c["boto3_load_s"] for c in results["cold"]]),
+        "c_cold_load_s": mmm([c["cold_load_s"] for c in results["cold"]]),
+        "c_boto3_load_s": mmm([c["boto3_load_s"] for c in results["cold"]]),
+        "c_mount_and_recover_s": mmm([c["mount_and_recover_s"] for c in results["cold"]]),
+        "d_warmup_mb_s": mmm([w["warmup_mb_s"] for w in results["warmup"]]),
+        "d_boto3_mb_s": mmm([w["boto3_mb_s"] for w in results["warmup"]]),
+        "e_requests_per_file": mmm([float(s["requests"]) for s in saves]),
+        "e_requests_cold_load": mmm([float(c["load_requests"]) for c in results["cold"]]),
+        "first_save": results["saves"][0],
+    }
+    results["summary"] = summary
+    mb = results["saves"][0]["bytes"] / 1e6
+    print(
+        f"\n{args.saves} saves of {mb:.0f} MB, {args.steps_apart} optimizer steps apart; SeaweedFS on loopback;"
+        " min / median / max (saves after the first)"
+    )
+    print("| measure | ckptfs | plain | ratio |")
+    print("|---|---|---|---|")
+    print(
+        f"| (a) torch.save blocking (s) | {fmt(summary['a_save_mount_s'])} | {fmt(summary['a_save_plain_s'])}"
+        f" | {fmt(summary['a_save_ratio'], 2)} |"
+    )
+    print(
+        f"| (b) close → remote-durable vs boto3 upload_file (s) | {fmt(summary['b_close_to_remote_s'])} |"
+        f" {fmt(summary['b_boto3_upload_s'])} | {fmt(summary['b_remote_ratio'], 2)} |"
+    )
+    print(
+        f"| (c) cold torch.load, empty cache vs boto3 download + load (s) | {fmt(summary['c_cold_load_s'])} |"
+        f" {fmt(summary['c_boto3_load_s'])} | {fmt(summary['c_cold_ratio'], 2)} |"
+    )
+    print(
+        f"| (d) warmup of the series (MB/s) | {fmt(summary['d_warmup_mb_s'], 0)} | {fmt(summary['d_boto3_mb_s'], 0)}"
+        " | |"
+    )
+    print(f"| (e) S3 requests per checkpoint file | {fmt(summary['e_requests_per_file'], 0)} | | |")
+    print(f"| S3 requests of one cold load | {fmt(summary['e_requests_cold_load'], 0)} | | |")
+    print(f"| mount + recovery of an empty cache (s) | {fmt(summary['c_mount_and_recover_s'])} | | |")
+    print(
+        f"| bucket bytes | {results['bucket_bytes_ckptfs'] / 1e6:.0f} MB | {results['bucket_bytes_plain'] / 1e6:.0f} MB"
+        f" | {results['bucket_bytes_ckptfs'] / results['bucket_bytes_plain']:.3f} |"
+    )
+    fs = results["saves"][0]
+    print(
+        f"first save (keyframe): remote after {fs['close_to_remote_s']:.2f} s vs boto3 {fs['boto3_upload_s']:.2f} s,"
+        f" {fs['requests']} requests"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
