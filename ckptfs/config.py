@@ -78,6 +78,7 @@ class UploadConfig:
     concurrency: int = 8  # requests in flight at once (also sizes the S3 connection pool)
     bandwidth_mb: float = 0.0  # MB/s cap on uploads (0 = no cap)
     interval_s: float = 0.5  # how often the uploader looks for work when not woken
+    compact_wait_s: float = 30.0  # a version waits this long for pcodec compaction before it goes up (flush: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +272,8 @@ def validate(cfg: Config) -> Config:
     up = cfg.upload
     if not 1 <= up.concurrency <= 256:
         raise UserError(f"config: upload.concurrency must be within 1..256, got {up.concurrency}")
+    if up.compact_wait_s < 0:
+        raise UserError("config: upload.compact_wait_s must be >= 0")
     if up.bandwidth_mb < 0 or not 0.01 <= up.interval_s <= 60:
         raise UserError("config: upload.bandwidth_mb must be >= 0 and upload.interval_s within 0.01..60")
     if not 5 <= s3.multipart_mb <= 5120:

@@ -24,8 +24,11 @@ from typing import Any
 import trio
 import xxhash
 
+from ckptfs.cache import ChunkCache
 from ckptfs.errors import UserError
+from ckptfs.meta import Database
 from ckptfs.tier import Uploader
+from ckptfs.tier.warm import warm
 
 log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
@@ -54,7 +57,16 @@ def _private_folder(folder: Path) -> None:
 
 
 class ControlServer:
-    def __init__(self, cache_dir: str, uploader: Uploader | None, extra: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        cache_dir: str,
+        uploader: Uploader | None,
+        extra: Callable[[], dict[str, Any]],
+        db: Database | None = None,
+        cache: ChunkCache | None = None,
+    ) -> None:
+        self.db = db
+        self.cache = cache
         self.paths = socket_paths(cache_dir)
         self.path: Path | None = None
         self.uploader = uploader
@@ -105,7 +117,11 @@ class ControlServer:
                     if not data:
                         break
                     buf += data
-                reply = await self.answer(json.loads(buf or b"{}"))
+                req = json.loads(buf or b"{}")
+                if req.get("op") == "warmup":
+                    reply = await self.warmup(req, stream)
+                else:
+                    reply = await self.answer(req)
             except (ValueError, TypeError) as exc:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
             try:
@@ -127,6 +143,36 @@ class ControlServer:
             return {"ok": not missing, "missing": missing}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
+    async def warmup(self, req: dict[str, Any], stream: trio.SocketStream) -> dict[str, Any]:
+        """Fetch the files' frames into the cache; a progress line at most every 0.2 s, then the result."""
+        if self.cache is None or self.db is None or self.cache.remote is None:
+            return {"ok": False, "error": "this daemon has no store to warm up from"}
+        prefixes = [os.fsencode("/" + str(p).strip("/")) if str(p).strip("/") else b"" for p in req.get("paths", [""])]
+        last = [0.0]
+        lines: list[bytes] = []
+
+        def progress(done: int, total: int, nbytes: int, total_bytes: int) -> None:
+            now = trio.current_time()
+            if now - last[0] >= 0.2 or done == total:
+                last[0] = now
+                lines.append(json.dumps({"progress": [done, total, nbytes, total_bytes]}).encode() + b"\n")
+
+        async def pump() -> None:
+            while True:
+                while lines:
+                    await stream.send_all(lines.pop(0))
+                await trio.sleep(0.05)
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            files, fetched, errors = await warm(self.db, self.cache, prefixes, int(req.get("jobs", 8)), progress)
+            nursery.cancel_scope.cancel()
+        for line in lines:
+            await stream.send_all(line)
+        secs = trio.current_time() - start
+        return {"ok": not errors, "files": files, "fetched_bytes": fetched, "seconds": secs, "errors": errors[:20]}
+
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra())
         up = self.uploader
@@ -138,6 +184,7 @@ class ControlServer:
             "writer": up.writer,
             "queued_versions": q.versions,
             "queued_bytes": q.size,
+            "chunks_not_in_store": up.tiering.chunks_not_in_store(),
             "oldest_pending_s": None if q.oldest_ns is None else round((time.time_ns() - q.oldest_ns) / 1e9, 3),
             "rate_bytes_per_s": round(up.rate()),
             "bytes_sent": up.stats.bytes_sent,
@@ -155,8 +202,14 @@ class ControlServer:
         return out
 
 
-def request(cache_dir: str, req: dict[str, Any], timeout: float | None = 30.0) -> dict[str, Any]:
-    """Client side (the CLI): send ``req`` to the daemon of ``cache_dir``. Raises ``UserError``."""
+def request(
+    cache_dir: str,
+    req: dict[str, Any],
+    timeout: float | None = 30.0,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Client side (the CLI): send ``req`` to the daemon of ``cache_dir``; ``progress`` gets the progress
+    lines that come before the reply. Raises ``UserError``."""
     found = [p for p in socket_paths(cache_dir) if p.is_socket()]
     if not found:
         raise UserError(f"no ckptfs daemon is serving {cache_dir} (no control socket)")
@@ -167,7 +220,17 @@ def request(cache_dir: str, req: dict[str, Any], timeout: float | None = 30.0) -
             s.connect(str(path))
             s.sendall(json.dumps(req).encode() + b"\n")
             buf = b""
-            while not buf.endswith(b"\n"):
+            while True:
+                while b"\n" in buf:
+                    line, _, buf = buf.partition(b"\n")
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        raise UserError(f"the ckptfs daemon of {cache_dir} sent a reply that is not JSON") from None
+                    if "progress" not in msg:
+                        return dict(msg)
+                    if progress:
+                        progress(msg)
                 data = s.recv(65536)
                 if not data:
                     break
@@ -180,8 +243,4 @@ def request(cache_dir: str, req: dict[str, Any], timeout: float | None = 30.0) -
         raise UserError(f"the ckptfs daemon of {cache_dir} is not answering (it may have exited)") from None
     except TimeoutError:
         raise UserError(f"the ckptfs daemon of {cache_dir} did not answer within {timeout:.0f} s") from None
-    try:
-        reply: dict[str, Any] = json.loads(buf)
-    except ValueError:
-        raise UserError(f"the ckptfs daemon of {cache_dir} sent a reply that is not JSON") from None
-    return reply
+    raise UserError(f"the ckptfs daemon of {cache_dir} closed the connection without answering")

@@ -289,6 +289,7 @@ class _Components:
                 bandwidth=cfg.upload.bandwidth_mb * 1e6,
                 interval=cfg.upload.interval_s,
                 healthy=healthy,
+                compact_wait=cfg.upload.compact_wait_s if cfg.ingest.pco_level else 0.0,
             )
 
     def _sealed(self, inode: InodeId, vid: VersionId) -> None:
@@ -397,6 +398,7 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
             "fetched_ahead": c.reader.frames_prefetched,
         },
         "ingest_pending": c.ingester.pending,
+        "compaction_pending": int(c.db.one("SELECT count(*) FROM compact_queue")[0]),  # type: ignore[index]
     }
 
 
@@ -441,7 +443,8 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
                 nursery.start_soon(guarded, c.health, "the uploader", c.uploader.run)
             nursery.start_soon(guarded, c.health, "the cache evictor", c.evictor.run)
             await nursery.start(c.reader.run)
-            await nursery.start(ControlServer(cfg.cache.dir, c.uploader, lambda: _status(cfg, c)).run)
+            control = ControlServer(cfg.cache.dir, c.uploader, lambda: _status(cfg, c), c.db, c.cache)
+            await nursery.start(control.run)
             nursery.start_soon(guarded, c.health, "deleting released files", c.reclaimer.run)
             nursery.start_soon(guarded, c.health, "the durable marker", c.marker.run)
             nursery.start_soon(_remind, c.health)

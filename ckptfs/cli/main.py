@@ -363,59 +363,35 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    """Read files through the mount, many ranges at once, so the daemon pulls them into its cache."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    work: list[tuple[str, int, int]] = []
-    for top in args.paths:
-        if mount_of(top) is None:
-            raise UserError(f"{top} is not inside a ckptfs mount")
-        walk = [(top, [], [""])] if os.path.isfile(top) else os.walk(top)
-        for dirpath, _dirs, names in walk:
-            for name in names:
-                path = os.path.join(dirpath, name) if name else dirpath
-                if os.path.islink(path) or not os.path.isfile(path):
-                    continue
-                size = os.path.getsize(path)
-                work += [(path, off, min(_WARM_RANGE, size - off)) for off in range(0, size, _WARM_RANGE)]
-    total = sum(n for _, _, n in work)
-    done = 0
-    bar = _Bar("warmup")
-    start = time.monotonic()
-
-    def read(item: tuple[str, int, int]) -> int:
-        path, off, n = item
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            got = 0
-            while got < n:
-                chunk = os.pread(fd, min(1 << 20, n - got), off + got)
-                if not chunk:
-                    break
-                got += len(chunk)
-            return got
-        finally:
-            os.close(fd)
-
-    errors = []
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(read, item) for item in work]
-        for fut, item in zip(futures, work, strict=True):
-            try:
-                done += fut.result()
-            except OSError as exc:
-                errors.append(f"{item[0]}: {exc.strerror}")
-            bar(done / 1e6, total / 1e6, " MB")
-    bar.end()
-    secs = max(time.monotonic() - start, 1e-9)
-    files = len({p for p, _, _ in work})
-    print(f"warmup: {plural(files, 'file')}, {_human(done)} in {secs:.1f} s ({done / 1e6 / secs:.0f} MB/s)")
-    for line in sorted(set(errors)):
-        print(f"ckptfs: {line}", file=sys.stderr)
-    return 1 if errors else 0
-
-
-_WARM_RANGE = 16 * 1024 * 1024
+    """Ask each mount's daemon to fetch the files' frames from the store into its cache."""
+    by_cache: dict[str, list[str]] = {}
+    for path in args.paths:
+        found = mount_of(path)
+        if found is None:
+            raise UserError(f"{path} is not inside a ckptfs mount")
+        by_cache.setdefault(found[0].cache_dir, []).append(found[1])
+    failed = False
+    for cache_dir, rels in by_cache.items():
+        bar = _Bar("warmup")
+        reply = control.request(
+            cache_dir,
+            {"op": "warmup", "paths": rels, "jobs": args.jobs},
+            timeout=None,
+            progress=lambda m, bar=bar: bar(m["progress"][2] / 1e6, m["progress"][3] / 1e6, " MB"),  # type: ignore[misc]
+        )
+        bar.end()
+        if "error" in reply:
+            raise UserError(reply["error"])
+        secs = max(float(reply["seconds"]), 1e-9)
+        fetched = int(reply["fetched_bytes"])
+        print(
+            f"warmup: {plural(int(reply['files']), 'file')}, {_human(fetched)} fetched from the store in"
+            f" {secs:.1f} s ({fetched / 1e6 / secs:.0f} MB/s)"
+        )
+        for line in reply["errors"]:
+            print(f"ckptfs: {line}", file=sys.stderr)
+        failed |= not reply["ok"]
+    return 1 if failed else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -472,8 +448,8 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--store", help="object store URL (default: store.url of the config)")
     rc.set_defaults(func=cmd_recover)
 
-    w = sub.add_parser("warmup", help="pull files into the local cache, many ranges at once")
-    w.add_argument("--jobs", "-j", type=int, default=8, help="ranges read at once (default 8)")
+    w = sub.add_parser("warmup", help="fetch files (their chunks) from the store into the local cache")
+    w.add_argument("--jobs", "-j", type=int, default=8, help="objects fetched at once (default 8)")
     w.add_argument("paths", nargs="+", help="files or directories inside a mount")
     w.set_defaults(func=cmd_warmup)
 

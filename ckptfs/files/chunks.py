@@ -63,6 +63,10 @@ class ChunkIndex:
         row = self.db.one("SELECT depth FROM chunks WHERE id=?", (cid,))
         return None if row is None else int(row[0])
 
+    def in_store(self, cid: ChunkId) -> bool:
+        """Is the chunk's current frame in the object store (``meta.tiering``)?"""
+        return self.db.one("SELECT 1 FROM chunks WHERE id=? AND remote IS NOT NULL", (cid,)) is not None
+
     def pin(self, cid: ChunkId) -> None:
         self._pins[cid] += 1
 

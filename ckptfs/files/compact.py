@@ -109,8 +109,8 @@ class Compactor:
     async def _compact(self, cid: ChunkId) -> None:
         level = self.settings.pco_level
         depth = self.chunks.depth(cid)
-        if depth is None:
-            return
+        if depth is None or self.chunks.in_store(cid):
+            return  # gone; or uploaded already: a denser frame would have to go up again, for a few percent
         self.chunks.pin(cid)
         try:
             frame = await self.workers.run_background(_denser_frame, self.chunks.cache, cid, level)

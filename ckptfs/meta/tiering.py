@@ -109,11 +109,30 @@ class Tiering:
             )
         return int(cur.rowcount)
 
-    def pending(self, limit: int) -> list[VersionId]:
-        """Queued versions that still exist, oldest first; drops the rows of versions that are gone."""
+    def pending(self, limit: int, compacted_by_ns: int | None = None) -> list[VersionId]:
+        """Queued versions that still exist, oldest first; drops the rows of versions that are gone.
+        ``compacted_by_ns``: only versions none of whose chunks still wait for compaction
+        (``compact_queue``), or queued before that time (they waited long enough)."""
         self.db.execute("DELETE FROM upload_queue WHERE version NOT IN (SELECT id FROM versions)")
-        rows = self.db.execute("SELECT version FROM upload_queue ORDER BY queued_ns LIMIT ?", (limit,)).fetchall()
-        return [VersionId(int(r[0])) for r in rows]
+        if compacted_by_ns is None:
+            rows = self.db.execute("SELECT version FROM upload_queue ORDER BY queued_ns LIMIT ?", (limit,))
+        else:
+            rows = self.db.execute(
+                "SELECT q.version FROM upload_queue q WHERE q.queued_ns < ? OR NOT EXISTS"
+                " (SELECT 1 FROM extents x JOIN compact_queue k ON k.chunk = x.chunk WHERE x.version = q.version)"
+                " ORDER BY q.queued_ns LIMIT ?",
+                (compacted_by_ns, limit),
+            )
+        return [VersionId(int(r[0])) for r in rows.fetchall()]
+
+    def chunks_not_in_store(self) -> int:
+        """Referenced chunks whose current frame is not in the store (new, or re-encoded since)."""
+        row = self.db.one("SELECT count(*) FROM chunks WHERE remote IS NULL AND refcount > 0")
+        return 0 if row is None else int(row[0])
+
+    def queued(self) -> int:
+        row = self.db.one("SELECT count(*) FROM upload_queue")
+        return 0 if row is None else int(row[0])
 
     def closure(self, vids: Iterable[VersionId]) -> list[ChunkRow]:
         """Every chunk the versions' extents name, and their delta bases, transitively; bases first."""
@@ -144,10 +163,13 @@ class Tiering:
         ]
 
     def not_uploaded(self, limit: int) -> list[ChunkRow]:
-        """Committed chunks (referenced) whose current frame is not in the store, bases first."""
+        """Committed chunks (referenced) whose current frame is not in the store, bases first — but not
+        those a queued version will take up (``pending`` decides when), nor those waiting for compaction."""
         rows = self.db.execute(
             "SELECT id, codec, stored, raw_len, base, depth, remote, remote_off, remote_len FROM chunks"
-            " WHERE remote IS NULL AND refcount > 0 ORDER BY depth LIMIT ?",
+            " WHERE remote IS NULL AND refcount > 0 AND id NOT IN (SELECT chunk FROM compact_queue)"
+            " AND NOT EXISTS (SELECT 1 FROM extents x JOIN upload_queue q ON q.version = x.version"
+            " WHERE x.chunk = chunks.id) ORDER BY depth LIMIT ?",
             (limit,),
         ).fetchall()
         return [self._row(r) for r in rows]

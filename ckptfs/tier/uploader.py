@@ -100,7 +100,9 @@ class Uploader:
         bandwidth: float = 0.0,
         interval: float = 0.5,
         healthy: Callable[[], bool] = lambda: True,
+        compact_wait: float = 0.0,
     ) -> None:
+        self.compact_wait = compact_wait  # a version waits this long for its chunks' compaction
         self.healthy = healthy  # failsafe mode stops uploads: they write metadata
         self.db = db
         self.tiering = Tiering(db)
@@ -135,11 +137,12 @@ class Uploader:
                 await self._wake.wait()
             self._wake = trio.Event()
             changes = self.db.conn.total_changes
-            if not self.healthy() or (changes == self._seen_changes and not backoff and not self._force):
-                continue  # nothing was written since the last round that finished
-            self._force = False
+            idle = changes == self._seen_changes and not self.tiering.queued()
+            if not self.healthy() or (idle and not backoff and not self._force):
+                continue  # nothing was written since the last round that finished, nothing waits
+            hurry, self._force = self._force, False
             try:
-                await self.round()
+                await self.round(hurry)
             except BackendError as exc:
                 backoff = min(max(1.0, backoff * 2), 60.0)
                 self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
@@ -154,11 +157,14 @@ class Uploader:
         if first:
             (log.error if permanent else log.warning)("upload: %s; retrying (nothing is lost)", message)
 
-    async def round(self) -> None:
-        """Upload what the queue holds, then publish the namespace changes. Raises ``BackendError``."""
+    async def round(self, hurry: bool = False) -> None:
+        """Upload what the queue holds — without ``hurry`` (a flush, an unmount), only versions whose
+        chunks are compacted or that waited ``compact_wait`` — then publish the namespace changes.
+        Raises ``BackendError``."""
         async with self._round:
             self.stats.rounds += 1
-            vids = self.tiering.pending(_BATCH)
+            waited = None if hurry or not self.compact_wait else time.time_ns() - int(self.compact_wait * 1e9)
+            vids = self.tiering.pending(_BATCH, waited)
             if vids:
                 await self._upload_chunks(self.tiering.closure(vids))
             # frames re-encoded (repack, compaction) after their versions went up: their new frames go up
@@ -334,12 +340,12 @@ class Uploader:
         with trio.move_on_after(timeout if math.isfinite(timeout) else 1e9):
             while self.tiering.pending(1):
                 try:
-                    await self.round()
+                    await self.round(hurry=True)
                 except BackendError as exc:
                     self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
                     await trio.sleep(1)
             try:
-                await self.round()  # namespace changes with no version to upload
+                await self.round(hurry=True)  # namespace changes with no version to upload
             except BackendError as exc:
                 self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
                 return False

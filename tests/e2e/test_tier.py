@@ -155,23 +155,59 @@ def test_status_reports_the_queue_and_the_socket_is_private(mount):
 
 
 @pytest.mark.slow
-def test_compaction_after_upload_uploads_the_new_frame_under_a_new_name(mount_factory, tmp_path):
+def test_a_repack_after_upload_puts_new_frames_under_new_names_and_the_bucket_still_decodes(mount_factory, tmp_path):
+    """Deleting the checkpoints a newer one was delta-coded against re-encodes its chunks (files/repack.py):
+    the new frames go up under new names, the old objects stay, and the bucket alone reads it back."""
+    import shutil
+
+    from tests.e2e.test_delta import train_series
+    from tests.e2e.test_repack import wait_repacked
+
+    store = LocalDirStore(tmp_path / "objects")
+    url = f"file://{tmp_path / 'objects'}"
+    m = mount_factory(store=url, env={"CKPTFS_INGEST_MAX_CHAIN": "4"})
+    states = train_series(4)
+    for i, st in enumerate(states):
+        torch.save(st, m.path(f"s{i}.pt"))
+        m.cli("flush", "--wait", "--timeout", "60", str(m.path(f"s{i}.pt")))
+    before = set(store.list("chunks/"))
+    last = m.path("s3.pt").read_bytes()
+    for i in range(3):
+        os.unlink(m.path(f"s{i}.pt"))
+    wait_repacked(m).close()
+    m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+    deadline = time.monotonic() + 60
+    while _status(m)["upload"]["chunks_not_in_store"] or bucket.view(store).keys() != {"/s3.pt"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    after = set(store.list("chunks/"))
+    assert before <= after  # nothing is deleted from the bucket
+    ids = [k.split("/")[-1].split(".")[0] for k in after]
+    assert len(ids) > len(set(ids))  # re-encoded chunks: one id, two frames — a new name, never an overwrite
+    assert bucket.files(store) == {"/s3.pt": last}
+    m.umount()
+    shutil.rmtree(m.cache)
+    n = mount_factory(store=url, cache=tmp_path / "new-node")
+    assert n.path("s3.pt").read_bytes() == last
+    n.umount()
+
+
+def test_by_default_a_version_goes_up_after_its_compaction_and_once(mount_factory, tmp_path):
+    """Without a flush, the uploader waits (upload.compact_wait_s) for pcodec compaction, so what goes up is
+    the denser frame and nothing is uploaded twice."""
+    from ckptfs.codec import parse_header
+    from tests.e2e.test_delta import train_series
+
     store = LocalDirStore(tmp_path / "objects")
     m = mount_factory(store=f"file://{tmp_path / 'objects'}")
-    expected = {"/m.pt": _save(m.path("m.pt"), make_state(width=512, steps=3))}
-    m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
-    before = set(store.list("chunks/"))
-    deadline = time.monotonic() + 60
-    while True:  # pcodec re-encodes float chunks while ingest is idle, each a new frame to upload
-        m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
-        after = set(store.list("chunks/"))
-        if after - before:
-            break
-        assert time.monotonic() < deadline, "compaction re-encoded nothing"
-        time.sleep(1)
-    assert before <= after  # the old frames stay: a published journal names them
-    ids = [k.split("/")[-1].split(".")[0] for k in after]
-    assert len(ids) > len(set(ids))  # one chunk id, two frames: a new name, never an overwrite
+    (state,) = train_series(1, torch.bfloat16, width=768)  # trained bf16: pcodec beats byte planes + zstd
+    expected = {"/m.pt": _save(m.path("m.pt"), state)}
+    m.wait_remote("m.pt", timeout=120)
+    keys = list(store.list("chunks/"))
+    ids = [k.split("/")[-1].split(".")[0] for k in keys]
+    assert len(ids) == len(set(ids))  # each chunk went up once
+    codecs = {int(parse_header(store.get(k)).codec) for k in keys}
+    assert codecs & {5, 6}, codecs  # pcodec frames: compacted before the upload
     assert bucket.files(store) == expected
     m.umount()
 
