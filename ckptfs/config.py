@@ -86,6 +86,7 @@ class NodeConfig:
     """This node's identity in a shared bucket."""
 
     id: str = ""  # default: the host name (CKPTFS_NODE_ID)
+    refresh_s: float = 2.0  # how often other nodes' journal segments are looked for (0 = never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +285,8 @@ def validate(cfg: Config) -> Config:
         raise UserError("config: s3.access_key_id and s3.secret_access_key must be given together")
     if s3.endpoint and not s3.endpoint.startswith(("http://", "https://")):
         raise UserError(f"config: s3.endpoint must be an http:// or https:// URL, got {s3.endpoint!r}")
+    if not 0 <= cfg.node.refresh_s <= 3600:
+        raise UserError(f"config: node.refresh_s must be within 0..3600, got {cfg.node.refresh_s}")
     node_id = cfg.node.id or socket.gethostname()
     if not node_id or not all(ch.isalnum() or ch in "-_." for ch in node_id) or len(node_id) > 64:
         raise UserError(f"config: node.id must be 1..64 letters, digits, '-', '_' or '.', got {node_id!r}")

@@ -51,6 +51,7 @@ from ckptfs.meta.tiering import Tiering
 from ckptfs.namespace import Tree
 from ckptfs.tier import Uploader, prepare_store
 from ckptfs.tier.recover import rebuild
+from ckptfs.tier.refresh import Refresher
 from ckptfs.types import InodeId, VersionId
 
 log = logging.getLogger(__name__)
@@ -279,12 +280,18 @@ class _Components:
         self.store = open_store(cfg.store.url, cfg.s3, cfg.upload.concurrency)
         self.cache.remote = RemoteFrames(self.db.path, self.store)  # cold reads, and healing corrupt frames
         self.uploader: Uploader | None = None
+        self.refresher: Refresher | None = None
         if cfg.upload.enabled:
+            writer = Tiering(self.db).writer_id(cfg.node.id)
+            if cfg.node.refresh_s:
+                self.refresher = Refresher(
+                    self.db, self.tree, self.store, writer, cfg.node.refresh_s, _invalidate_entry, healthy
+                )
             self.uploader = Uploader(
                 self.db,
                 self.cache,
                 self.store,
-                Tiering(self.db).writer_id(cfg.node.id),
+                writer,
                 concurrency=cfg.upload.concurrency,
                 bandwidth=cfg.upload.bandwidth_mb * 1e6,
                 interval=cfg.upload.interval_s,
@@ -339,6 +346,11 @@ def _recover(c: _Components) -> list[Active]:
             plural(len(lost), "file"),
         )
     return recovered
+
+
+def _invalidate_entry(parent: InodeId, name: bytes) -> None:
+    """Tell the kernel an entry changed behind its back (another node's change)."""
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
 
 
 def cache_cap(cfg: Config) -> int:
@@ -398,6 +410,9 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
             "fetched_ahead": c.reader.frames_prefetched,
         },
         "ingest_pending": c.ingester.pending,
+        "refresh": None
+        if c.refresher is None
+        else {"paths_changed": c.refresher.applied, "last_error": c.refresher.last_error},
         "compaction_pending": int(c.db.one("SELECT count(*) FROM compact_queue")[0]),  # type: ignore[index]
     }
 
@@ -441,6 +456,8 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
             await nursery.start(c.ingester.run)
             if c.uploader is not None:
                 nursery.start_soon(guarded, c.health, "the uploader", c.uploader.run)
+            if c.refresher is not None:
+                nursery.start_soon(guarded, c.health, "the refresh from other nodes", c.refresher.run)
             nursery.start_soon(guarded, c.health, "the cache evictor", c.evictor.run)
             await nursery.start(c.reader.run)
             control = ControlServer(cfg.cache.dir, c.uploader, lambda: _status(cfg, c), c.db, c.cache)

@@ -142,6 +142,18 @@ CREATE TABLE IF NOT EXISTS published (
     path   BLOB PRIMARY KEY,
     digest BLOB NOT NULL
 ) WITHOUT ROWID;
+-- For each path, the journal event (segment time, writer id, position) the local namespace shows:
+-- this node's own published events and other nodes' applied ones (tier/refresh.py: last writer wins).
+CREATE TABLE IF NOT EXISTS ranks (
+    path   BLOB PRIMARY KEY,
+    ts     INTEGER NOT NULL,
+    writer TEXT NOT NULL,
+    idx    INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Other writers' journal segments already applied here.
+CREATE TABLE IF NOT EXISTS seen_segments (
+    key TEXT PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS xattrs (
     inode INTEGER NOT NULL,
     name  BLOB NOT NULL,

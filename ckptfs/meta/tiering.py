@@ -312,24 +312,97 @@ class Tiering:
             )
         return len(entries)
 
+    def entry(self, path: bytes, ino: int) -> Entry | None:
+        """The namespace entry of inode ``ino`` at ``path``."""
+        r = self.db.one(
+            "SELECT i.id, i.mode, i.uid, i.gid, i.mtime_ns, i.size, i.version, v.state, i.target"
+            " FROM inodes i LEFT JOIN versions v ON v.id = i.version WHERE i.id=?",
+            (ino,),
+        )
+        if r is None:
+            return None
+        vid = None if r[6] is None else VersionId(int(r[6]))
+        target = None if r[8] is None else bytes(r[8])
+        return Entry(path, int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), vid, r[7], target)
+
     def published(self) -> dict[bytes, bytes]:
         return {bytes(p): bytes(d) for p, d in self.db.execute("SELECT path, digest FROM published").fetchall()}
 
-    def commit_published(self, changes: dict[bytes, bytes | None], remote: Iterable[VersionId]) -> None:
+    def commit_published(
+        self,
+        changes: dict[bytes, bytes | None],
+        remote: Iterable[VersionId],
+        ranks: dict[bytes, tuple[int, str, int]] | None = None,
+    ) -> None:
         """After a journal segment is in the store: remember what it published (None: a tombstone, the
-        path is forgotten) and make its versions ``remote``."""
+        path is forgotten), the rank of each event, and make its versions ``remote``."""
         with self.db.transaction() as c:  # atomic: no await until commit
             for path, digest in changes.items():
                 if digest is None:
                     c.execute("DELETE FROM published WHERE path=?", (path,))
                 else:
                     c.execute("INSERT OR REPLACE INTO published (path, digest) VALUES (?, ?)", (path, digest))
+            for path, (ts, writer, idx) in (ranks or {}).items():
+                c.execute(
+                    "INSERT OR REPLACE INTO ranks (path, ts, writer, idx) VALUES (?,?,?,?)", (path, ts, writer, idx)
+                )
             for vid in remote:
                 c.execute(
                     "UPDATE versions SET state=? WHERE id=? AND state=?",
                     (VersionState.REMOTE.value, vid, VersionState.LOCAL.value),
                 )
                 c.execute("DELETE FROM upload_queue WHERE version=?", (vid,))
+
+    def rank(self, path: bytes) -> tuple[int, str, int] | None:
+        row = self.db.one("SELECT ts, writer, idx FROM ranks WHERE path=?", (path,))
+        return None if row is None else (int(row[0]), str(row[1]), int(row[2]))
+
+    def seen_segments(self) -> set[str]:
+        return {str(r[0]) for r in self.db.execute("SELECT key FROM seen_segments").fetchall()}
+
+    def mark_seen(self, keys: Iterable[str]) -> None:
+        with self.db.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO seen_segments (key) VALUES (?)", [(k,) for k in keys])
+
+    def applied(self, path: bytes, rank: tuple[int, str, int], digest: bytes | None) -> None:
+        """Another writer's event for ``path`` now shows here: its rank, and (so this node does not
+        publish it again as its own change) what the path looks like now (None: gone)."""
+        with self.db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO ranks (path, ts, writer, idx) VALUES (?,?,?,?)", (path, *rank))
+            if digest is None:
+                c.execute("DELETE FROM published WHERE path=?", (path,))
+            else:
+                c.execute("INSERT OR REPLACE INTO published (path, digest) VALUES (?, ?)", (path, digest))
+
+    def import_version(
+        self, ino: int, size: int, mtime_ns: int, extents: list[tuple[int, int, ChunkId]], chunks: list[ChunkRow]
+    ) -> None:
+        """Give inode ``ino`` (a file just created, empty) another writer's version: ``remote``, its extents,
+        and rows for the chunks this cache does not know yet (with where they are in the store)."""
+        with self.db.transaction() as c:  # atomic: no await until commit
+            vid = c.execute(
+                "INSERT INTO versions (inode, state, size, created_ns) VALUES (?,?,?,?)",
+                (ino, VersionState.REMOTE.value, size, mtime_ns),
+            ).lastrowid
+            new = []
+            for r in chunks:
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO chunks (id, codec, raw_len, stored, refcount, base, depth, remote,"
+                    " remote_off, remote_len) VALUES (?,?,?,?,0,?,?,?,?,?)",
+                    (r.id, r.codec, r.raw_len, r.stored, r.base, r.depth, r.remote, r.remote_off, r.remote_len),
+                )
+                if cur.rowcount:
+                    new.append(r)
+            for r in new:  # a new row holds its base, as record_stored does
+                if r.base is not None:
+                    c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (r.base,))
+            c.executemany(
+                "INSERT INTO extents (version, offset, length, chunk) VALUES (?,?,?,?)",
+                [(vid, off, n, cid) for off, n, cid in extents],
+            )
+            for *_span, cid in extents:
+                c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (cid,))
+            c.execute("UPDATE inodes SET version=?, size=?, mtime_ns=? WHERE id=?", (vid, size, mtime_ns, ino))
 
     def uploaded_unpublished(self, vids: Iterable[VersionId]) -> None:
         """Versions whose chunks are all remote but no path shows them (fallbacks, unlinked files): they

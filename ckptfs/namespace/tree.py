@@ -309,6 +309,54 @@ class Tree:
             moved.append(f"{old} -> lost+found/{name.decode(errors='replace')}")
         return moved
 
+    # -- changes another node made (tier/refresh.py) ----------------------------------------------
+
+    def entry_at(self, path: bytes) -> tuple[InodeId, bytes, InodeId | None] | None:
+        """(parent inode, name, inode or None) of an absolute path; None if a parent is missing."""
+        parts = [p for p in path.split(b"/") if p]
+        if not parts:
+            return None
+        parent = ROOT
+        for part in parts[:-1]:
+            child = self._child(parent, part)
+            if child is None or not stat.S_ISDIR(self.getattr(child).mode):
+                return None
+            parent = child
+        return parent, parts[-1], self._child(parent, parts[-1])
+
+    def make_parents(self, path: bytes) -> InodeId | None:
+        """The parent directory of ``path``, made (0755) where missing; None if a non-directory is in the way."""
+        parent = ROOT
+        for part in [p for p in path.split(b"/") if p][:-1]:
+            child = self._child(parent, part)
+            if child is None:
+                child = self.mkdir(parent, part, 0o755, os.getuid(), os.getgid()).ino
+                self._lookups[child] -= 1  # no kernel reference: nobody looked it up
+            elif not stat.S_ISDIR(self.getattr(child).mode):
+                return None
+            parent = child
+        return parent
+
+    def remove_entry(self, parent: InodeId, name: bytes) -> bool:
+        """Remove a file, symlink or empty directory (an open file stays readable through its handle).
+        False if it is a directory that is not empty."""
+        ino = self._child(parent, name)
+        if ino is None:
+            return True
+        if stat.S_ISDIR(self.getattr(ino).mode):
+            if not self._is_empty(ino):
+                return False
+            self._unlink_entry(parent, name, ino, True)
+        else:
+            self._unlink_entry(parent, name, ino, False)
+        return True
+
+    def new_entry(self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int, target: bytes | None) -> InodeId:
+        """A new inode no kernel has looked up (a file is empty until its version is imported)."""
+        ino = self._new_inode(parent, name, mode, uid, gid, target).ino
+        self._lookups[ino] -= 1
+        return ino
+
     def path_of(self, ino: InodeId) -> str:
         """A path of ``ino`` from the root (its first entry at each level), for messages."""
         parts: list[str] = []

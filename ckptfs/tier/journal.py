@@ -66,11 +66,13 @@ def tombstone(path: bytes) -> dict[str, Any]:
     return {"path": path_text(path), "kind": "gone"}
 
 
-def merge(segments: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every live path and its winning event, from decoded segments in any order: for each path the
-    event with the greatest (segment time, writer id, position in the segment) wins, and a ``gone``
-    that wins removes the path."""
-    best: dict[str, tuple[tuple[int, str, int], dict[str, Any]]] = {}
+Rank = tuple[int, str, int]
+
+
+def winners(segments: Iterable[dict[str, Any]]) -> dict[str, tuple[Rank, dict[str, Any]]]:
+    """For each path, the event with the greatest (segment time, writer id, position in the segment) and
+    its rank, ``gone`` included — from decoded segments in any order."""
+    best: dict[str, tuple[Rank, dict[str, Any]]] = {}
     for seg in segments:
         ts, writer = int(seg["ts"]), str(seg["writer"])
         for i, ev in enumerate(seg["events"]):
@@ -78,4 +80,9 @@ def merge(segments: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             cur = best.get(ev["path"])
             if cur is None or rank > cur[0]:
                 best[ev["path"]] = (rank, ev)
-    return {p: ev for p, (_, ev) in best.items() if ev["kind"] != "gone"}
+    return best
+
+
+def merge(segments: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every live path and its winning event (a ``gone`` that wins removes the path)."""
+    return {p: ev for p, (_, ev) in winners(segments).items() if ev["kind"] != "gone"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptfs.backend.base import ObjectStore
-from ckptfs.errors import BackendError, ObjectNotFound, UserError
+from ckptfs.errors import ObjectNotFound, UserError
 from ckptfs.meta import Database
 from ckptfs.meta.tiering import ChunkRow, ImportEntry, Tiering
 from ckptfs.tier import journal
@@ -37,10 +37,12 @@ class Recovered:
     bytes: int
 
 
-def load_view(store: ObjectStore, threads: int = 16, progress: Progress | None = None) -> tuple[int, dict[str, Any]]:
-    """(segments read, merged view) of the store's journal. A segment that cannot be decoded is skipped
-    with a warning (an interrupted writer cannot leave one: puts are atomic), one that vanished between
-    list and get too. Raises ``BackendError``."""
+def load_view(
+    store: ObjectStore, threads: int = 16, progress: Progress | None = None
+) -> tuple[list[str], dict[str, tuple[journal.Rank, dict[str, Any]]]]:
+    """(segment keys read, the winning event of each path with its rank) of the store's journal. A
+    segment that cannot be decoded is skipped with a warning (an interrupted writer cannot leave one:
+    puts are atomic), one that vanished between list and get too. Raises ``BackendError``."""
     keys = list(store.list(JOURNAL_PREFIX))
     done = 0
 
@@ -54,14 +56,16 @@ def load_view(store: ObjectStore, threads: int = 16, progress: Progress | None =
             return None
 
     segments = []
+    read = []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
-        for seg in pool.map(one, keys):
+        for key, seg in zip(keys, pool.map(one, keys), strict=True):
             done += 1
             if progress:
                 progress(done, len(keys))
             if seg is not None:
                 segments.append(seg)
-    return len(segments), journal.merge(segments)
+                read.append(key)
+    return read, journal.winners(segments)
 
 
 def _chunk_rows(ev: dict[str, Any]) -> list[ChunkRow]:
@@ -122,18 +126,21 @@ def rebuild(db: Database, store: ObjectStore, progress: Progress | None = None) 
     tiering = Tiering(db)
     if not tiering.is_empty():
         raise UserError("recover: the cache already holds a namespace; recover into an empty cache directory")
-    try:
-        nseg, view = load_view(store, progress=progress)
-    except BackendError:
-        raise
-    if not nseg:
+    keys, ranked = load_view(store, progress=progress)
+    if not keys:
         return None
-    rows = entries(view)
+    rows = entries({p: ev for p, (_, ev) in ranked.items() if ev["kind"] != "gone"})
     tiering.import_entries(rows)
-    # What this new incarnation has "published" is what it recovered: only later changes go in its journal.
-    tiering.commit_published({e.path: journal.digest(e) for e in tiering.namespace()}, [])
+    # What this new incarnation has "published" is what it recovered: only later changes go in its journal;
+    # and the refresh from other nodes starts after these segments, at these ranks.
+    tiering.commit_published(
+        {e.path: journal.digest(e) for e in tiering.namespace()},
+        [],
+        {path_bytes(p): rank for p, (rank, _) in ranked.items()},
+    )
+    tiering.mark_seen(keys)
     return Recovered(
-        segments=nseg,
+        segments=len(keys),
         files=sum(1 for e in rows if e.extents is not None),
         dirs=sum(1 for e in rows if e.is_dir),
         others=sum(1 for e in rows if e.extents is None and not e.is_dir),

@@ -35,6 +35,7 @@ from ckptfs.tier.layout import (
     encode_segment,
     frame_key,
     marker,
+    path_bytes,
     path_text,
     segment_key,
 )
@@ -287,7 +288,8 @@ class Uploader:
             key = segment_key(self.writer, ts)
             await self._put(key, encode_segment(self.writer, ts, events))
             self.stats.segments += 1
-            self.tiering.commit_published(changes, remote)
+            ranks = {path_bytes(ev["path"]): (ts, self.writer, i) for i, ev in enumerate(events)}
+            self.tiering.commit_published(changes, remote, ranks)
         # queued versions no path shows (fallbacks, unlinked while open) leave the queue once uploaded
         shown = set(remote)
         stray = [v for v in queued if v not in shown and all(r.remote is not None for r in self.tiering.closure([v]))]

@@ -165,18 +165,24 @@ def test_a_repack_after_upload_puts_new_frames_under_new_names_and_the_bucket_st
 
     store = LocalDirStore(tmp_path / "objects")
     url = f"file://{tmp_path / 'objects'}"
-    m = mount_factory(store=url, env={"CKPTFS_INGEST_MAX_CHAIN": "4"})
+    # no pcodec: it may turn deltas into keyframes, and then nothing would depend on the deleted files
+    env = {"CKPTFS_INGEST_MAX_CHAIN": "4", "CKPTFS_INGEST_PCO_LEVEL": "0", "CKPTFS_INGEST_BASE_GRACE_S": "0"}
+    m = mount_factory(store=url, env=env)
     states = train_series(4)
     for i, st in enumerate(states):
         torch.save(st, m.path(f"s{i}.pt"))
         m.cli("flush", "--wait", "--timeout", "60", str(m.path(f"s{i}.pt")))
     before = set(store.list("chunks/"))
     last = m.path("s3.pt").read_bytes()
+    assert "delta" in m.cli("ls-versions", str(m.path("s3.pt"))).stdout  # s3 depends on the others
     for i in range(3):
         os.unlink(m.path(f"s{i}.pt"))
+    deadline = time.monotonic() + 90
+    while "delta" in m.cli("ls-versions", str(m.path("s3.pt"))).stdout:  # repacked: its bases are gone
+        assert time.monotonic() < deadline, m.cli("ls-versions", str(m.mnt)).stdout
+        time.sleep(0.5)
     wait_repacked(m).close()
     m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
-    deadline = time.monotonic() + 60
     while _status(m)["upload"]["chunks_not_in_store"] or bucket.view(store).keys() != {"/s3.pt"}:
         assert time.monotonic() < deadline
         time.sleep(0.5)
@@ -424,3 +430,55 @@ def test_cold_reads_with_read_ahead_are_bit_exact_at_any_offset(mount_factory, t
     for name, data in expected.items():
         assert b.path(name).read_bytes() == data
     b.umount()
+
+
+def _wait_for(what, check, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_two_mounts_on_one_bucket_see_each_others_files(kind, request, tmp_path, mount_factory):
+    url, env, store = _store_for(kind, request, tmp_path)
+    fast = {**env, "CKPTFS_NODE_REFRESH_S": "0.5"}
+    a = mount_factory(env={**fast, "CKPTFS_NODE_ID": "node-a"}, store=url)
+    b = mount_factory(env={**fast, "CKPTFS_NODE_ID": "node-b"}, store=url)
+    a.path("run").mkdir()
+    b.path("run").mkdir()  # both make the directory: it merges
+    r0 = _save(a.path("run", "rank0.pt"), make_state(seed=0, steps=2))
+    r1 = _save(b.path("run", "rank1.pt"), make_state(seed=1, steps=2))
+    a.cli("flush", "--wait", "--timeout", "60", str(a.mnt))
+    b.cli("flush", "--wait", "--timeout", "60", str(b.mnt))
+    for m in (a, b):  # two ranks writing distinct files into one directory: both appear everywhere
+        _wait_for("both ranks' files", lambda m=m: sorted(os.listdir(m.path("run"))) == ["rank0.pt", "rank1.pt"])
+        assert m.path("run", "rank0.pt").read_bytes() == r0
+        assert m.path("run", "rank1.pt").read_bytes() == r1
+    assert b.state("run/rank0.pt") == "remote"
+
+    # last writer wins per path: B overwrites A's file, A sees B's bytes
+    a.path("run", "shared.txt").write_bytes(b"from a")
+    a.cli("flush", "--wait", "--timeout", "60", str(a.mnt))
+    _wait_for("a's shared.txt on b", lambda: b.path("run", "shared.txt").read_bytes() == b"from a")
+    b.path("run", "shared.txt").write_bytes(b"from b, later")
+    b.cli("flush", "--wait", "--timeout", "60", str(b.mnt))
+    _wait_for("b's shared.txt on a", lambda: a.path("run", "shared.txt").read_bytes() == b"from b, later")
+
+    # a delete and a rename on one node show on the other
+    os.unlink(a.path("run", "rank1.pt"))
+    os.rename(a.path("run", "rank0.pt"), a.path("run", "final.pt"))
+    a.cli("flush", "--wait", "--timeout", "60", str(a.mnt))
+    _wait_for("the rename and the delete on b", lambda: sorted(os.listdir(b.path("run"))) == ["final.pt", "shared.txt"])
+    assert b.path("run", "final.pt").read_bytes() == r0
+    for m in (a, b):
+        m.umount()
+    assert bucket.files(store) == {"/run/final.pt": r0, "/run/shared.txt": b"from b, later"}
+    for m in (a, b):
+        res = m.cli("fsck", "--cache", str(m.cache), check=False)
+        assert " 0 problems" in res.stdout, res.stdout
