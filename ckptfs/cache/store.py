@@ -132,12 +132,13 @@ class ChunkCache:
         h = cid.hex()
         return self.root / h[:2] / h
 
-    def put(self, cid: ChunkId, frame: bytes, replace: bool = True) -> None:
+    def put(self, cid: ChunkId, frame: bytes, replace: bool = True, sync: bool = True) -> None:
         """Store ``frame`` under ``cid`` durably (the directory entry needs ``sync_dirs``).
 
         Idempotent: storing an existing id again rewrites identical bytes. ``replace=False`` leaves an
         existing file alone (a frame fetched from the store must never overwrite a newer local one a
-        frame swap put there meanwhile). Raises ``CacheFull`` on ENOSPC.
+        frame swap put there meanwhile); ``sync=False`` skips the fsync (a copy of what the store holds:
+        a power cut may lose it, a later read fetches it again). Raises ``CacheFull`` on ENOSPC.
         """
         final = self.path(cid)
         self.check_space(cid, len(frame))
@@ -151,7 +152,8 @@ class ChunkCache:
                     os.ftruncate(fd, len(frame))
                 else:
                     _write_all(fd, memoryview(frame))
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if replace:
@@ -199,7 +201,7 @@ class ChunkCache:
         if self.read_only or self.is_small(frame):
             return
         try:
-            self.put(cid, frame, replace=replace)
+            self.put(cid, frame, replace=replace, sync=False)
         except (CacheFull, OSError) as exc:
             log.debug("not keeping chunk %s fetched from the store: %s", cid.hex(), exc)
 

@@ -105,3 +105,16 @@ def test_s3_urls():
             open_store(bad, cfg.s3)
     with pytest.raises(UserError, match="unknown URL scheme"):
         open_store("ftp://x/y")
+
+
+def test_the_example_config_names_every_key_and_loads():
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "systemd" / "ckptfs.toml.example"
+    data = tomllib.loads(path.read_text())
+    for section in ("cache", "store", "s3", "upload", "node", "ingest", "mount"):
+        keys = {f.name for f in dataclasses.fields(getattr(config.Config(), section))}
+        assert set(data.get(section, {})) == keys, section
+    config.load(str(path), {}, {})
