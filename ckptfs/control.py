@@ -191,6 +191,7 @@ class ControlServer:
             "objects_sent": up.stats.objects_sent,
             "objects_already_there": up.stats.objects_skipped,
             "journal_segments": up.stats.segments,
+            "requests": getattr(up.store, "requests", None),  # S3 requests sent, retries included
             "last_error": up.stats.last_error,
             "last_error_age_s": None
             if up.stats.last_error_ns is None

@@ -142,12 +142,13 @@ CREATE TABLE IF NOT EXISTS published (
     path   BLOB PRIMARY KEY,
     digest BLOB NOT NULL
 ) WITHOUT ROWID;
--- For each path, the journal event (segment time, writer id, position) the local namespace shows:
+-- For each path, the journal event (segment time, writer id, segment id, position) the namespace shows:
 -- this node's own published events and other nodes' applied ones (tier/refresh.py: last writer wins).
 CREATE TABLE IF NOT EXISTS ranks (
     path   BLOB PRIMARY KEY,
     ts     INTEGER NOT NULL,
     writer TEXT NOT NULL,
+    seg    TEXT NOT NULL,                -- the segment's random id (two segments of a writer never tie)
     idx    INTEGER NOT NULL
 ) WITHOUT ROWID;
 -- Other writers' journal segments already applied here.

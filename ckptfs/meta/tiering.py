@@ -18,6 +18,9 @@ from typing import Any
 from ckptfs.meta.db import Database
 from ckptfs.types import ChunkId, VersionId, VersionState
 
+# The order of journal events: (segment time, writer id, segment id, position in the segment).
+Rank = tuple[int, str, str, int]
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkRow:
@@ -332,7 +335,7 @@ class Tiering:
         self,
         changes: dict[bytes, bytes | None],
         remote: Iterable[VersionId],
-        ranks: dict[bytes, tuple[int, str, int]] | None = None,
+        ranks: dict[bytes, Rank] | None = None,
     ) -> None:
         """After a journal segment is in the store: remember what it published (None: a tombstone, the
         path is forgotten), the rank of each event, and make its versions ``remote``."""
@@ -342,10 +345,8 @@ class Tiering:
                     c.execute("DELETE FROM published WHERE path=?", (path,))
                 else:
                     c.execute("INSERT OR REPLACE INTO published (path, digest) VALUES (?, ?)", (path, digest))
-            for path, (ts, writer, idx) in (ranks or {}).items():
-                c.execute(
-                    "INSERT OR REPLACE INTO ranks (path, ts, writer, idx) VALUES (?,?,?,?)", (path, ts, writer, idx)
-                )
+            for path, rank in (ranks or {}).items():
+                c.execute("INSERT OR REPLACE INTO ranks (path, ts, writer, seg, idx) VALUES (?,?,?,?,?)", (path, *rank))
             for vid in remote:
                 c.execute(
                     "UPDATE versions SET state=? WHERE id=? AND state=?",
@@ -353,9 +354,9 @@ class Tiering:
                 )
                 c.execute("DELETE FROM upload_queue WHERE version=?", (vid,))
 
-    def rank(self, path: bytes) -> tuple[int, str, int] | None:
-        row = self.db.one("SELECT ts, writer, idx FROM ranks WHERE path=?", (path,))
-        return None if row is None else (int(row[0]), str(row[1]), int(row[2]))
+    def rank(self, path: bytes) -> Rank | None:
+        row = self.db.one("SELECT ts, writer, seg, idx FROM ranks WHERE path=?", (path,))
+        return None if row is None else (int(row[0]), str(row[1]), str(row[2]), int(row[3]))
 
     def seen_segments(self) -> set[str]:
         return {str(r[0]) for r in self.db.execute("SELECT key FROM seen_segments").fetchall()}
@@ -364,11 +365,11 @@ class Tiering:
         with self.db.transaction() as c:
             c.executemany("INSERT OR IGNORE INTO seen_segments (key) VALUES (?)", [(k,) for k in keys])
 
-    def applied(self, path: bytes, rank: tuple[int, str, int], digest: bytes | None) -> None:
+    def applied(self, path: bytes, rank: Rank, digest: bytes | None) -> None:
         """Another writer's event for ``path`` now shows here: its rank, and (so this node does not
         publish it again as its own change) what the path looks like now (None: gone)."""
         with self.db.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO ranks (path, ts, writer, idx) VALUES (?,?,?,?)", (path, *rank))
+            c.execute("INSERT OR REPLACE INTO ranks (path, ts, writer, seg, idx) VALUES (?,?,?,?,?)", (path, *rank))
             if digest is None:
                 c.execute("DELETE FROM published WHERE path=?", (path,))
             else:

@@ -9,7 +9,7 @@ from typing import Any
 
 import xxhash
 
-from ckptfs.meta.tiering import ChunkRow, Entry
+from ckptfs.meta.tiering import ChunkRow, Entry, Rank
 from ckptfs.tier.layout import path_text
 from ckptfs.types import ChunkId
 
@@ -66,17 +66,15 @@ def tombstone(path: bytes) -> dict[str, Any]:
     return {"path": path_text(path), "kind": "gone"}
 
 
-Rank = tuple[int, str, int]
-
-
 def winners(segments: Iterable[dict[str, Any]]) -> dict[str, tuple[Rank, dict[str, Any]]]:
-    """For each path, the event with the greatest (segment time, writer id, position in the segment) and
-    its rank, ``gone`` included — from decoded segments in any order."""
+    """For each path, the event with the greatest (segment time, writer id, segment id, position in the
+    segment) and its rank, ``gone`` included — from decoded segments in any order (the random segment id
+    breaks the tie of two segments a writer stamped with one time, after its clock went back)."""
     best: dict[str, tuple[Rank, dict[str, Any]]] = {}
     for seg in segments:
-        ts, writer = int(seg["ts"]), str(seg["writer"])
+        ts, writer, sid = int(seg["ts"]), str(seg["writer"]), str(seg.get("id", ""))
         for i, ev in enumerate(seg["events"]):
-            rank = (ts, writer, i)
+            rank = (ts, writer, sid, i)
             cur = best.get(ev["path"])
             if cur is None or rank > cur[0]:
                 best[ev["path"]] = (rank, ev)

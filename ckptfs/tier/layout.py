@@ -81,12 +81,16 @@ def read_pack_index(data: bytes) -> list[tuple[ChunkId, str, int, int]]:
     return [(ChunkId(bytes.fromhex(c)), str(d), int(o), int(ln)) for c, d, o, ln in index]
 
 
-def segment_key(writer: str, ts_ns: int) -> str:
-    return f"{JOURNAL_PREFIX}{writer}/{ts_ns:020d}-{os.urandom(4).hex()}"
+def new_segment_id() -> str:
+    return os.urandom(6).hex()
 
 
-def encode_segment(writer: str, ts_ns: int, events: list[dict[str, Any]]) -> bytes:
-    doc = {"format": FORMAT, "writer": writer, "ts": ts_ns, "events": events}
+def segment_key(writer: str, ts_ns: int, seg_id: str) -> str:
+    return f"{JOURNAL_PREFIX}{writer}/{ts_ns:020d}-{seg_id}"
+
+
+def encode_segment(writer: str, ts_ns: int, events: list[dict[str, Any]], seg_id: str = "") -> bytes:
+    doc = {"format": FORMAT, "writer": writer, "ts": ts_ns, "id": seg_id, "events": events}
     return zstandard.ZstdCompressor(level=3).compress(json.dumps(doc, separators=(",", ":")).encode())
 
 

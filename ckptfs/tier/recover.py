@@ -19,7 +19,7 @@ from typing import Any
 from ckptfs.backend.base import ObjectStore
 from ckptfs.errors import ObjectNotFound, UserError
 from ckptfs.meta import Database
-from ckptfs.meta.tiering import ChunkRow, ImportEntry, Tiering
+from ckptfs.meta.tiering import ChunkRow, ImportEntry, Rank, Tiering
 from ckptfs.tier import journal
 from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment, path_bytes
 from ckptfs.types import ChunkId
@@ -39,7 +39,7 @@ class Recovered:
 
 def load_view(
     store: ObjectStore, threads: int = 16, progress: Progress | None = None
-) -> tuple[list[str], dict[str, tuple[journal.Rank, dict[str, Any]]]]:
+) -> tuple[list[str], dict[str, tuple[Rank, dict[str, Any]]]]:
     """(segment keys read, the winning event of each path with its rank) of the store's journal. A
     segment that cannot be decoded is skipped with a warning (an interrupted writer cannot leave one:
     puts are atomic), one that vanished between list and get too. Raises ``BackendError``."""

@@ -35,6 +35,7 @@ from ckptfs.tier.layout import (
     encode_segment,
     frame_key,
     marker,
+    new_segment_id,
     path_bytes,
     path_text,
     segment_key,
@@ -285,10 +286,11 @@ class Uploader:
         if events:
             ts = max(time.time_ns(), self._last_ts + 1)
             self._last_ts = ts
-            key = segment_key(self.writer, ts)
-            await self._put(key, encode_segment(self.writer, ts, events))
+            sid = new_segment_id()
+            key = segment_key(self.writer, ts, sid)
+            await self._put(key, encode_segment(self.writer, ts, events, sid))
             self.stats.segments += 1
-            ranks = {path_bytes(ev["path"]): (ts, self.writer, i) for i, ev in enumerate(events)}
+            ranks = {path_bytes(ev["path"]): (ts, self.writer, sid, i) for i, ev in enumerate(events)}
             self.tiering.commit_published(changes, remote, ranks)
         # queued versions no path shows (fallbacks, unlinked while open) leave the queue once uploaded
         shown = set(remote)
