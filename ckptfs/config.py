@@ -79,6 +79,8 @@ class UploadConfig:
     bandwidth_mb: float = 0.0  # MB/s cap on uploads (0 = no cap)
     interval_s: float = 0.5  # how often the uploader looks for work when not woken
     compact_wait_s: float = 30.0  # a version waits this long for pcodec compaction before it goes up (flush: none)
+    fsync_remote: bool = False  # fsync(2) of a closed file returns once it is in the store (EIO after the timeout)
+    fsync_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,8 +275,8 @@ def validate(cfg: Config) -> Config:
     up = cfg.upload
     if not 1 <= up.concurrency <= 256:
         raise UserError(f"config: upload.concurrency must be within 1..256, got {up.concurrency}")
-    if up.compact_wait_s < 0:
-        raise UserError("config: upload.compact_wait_s must be >= 0")
+    if up.compact_wait_s < 0 or up.fsync_timeout_s <= 0:
+        raise UserError("config: upload.compact_wait_s must be >= 0 and upload.fsync_timeout_s > 0")
     if up.bandwidth_mb < 0 or not 0.01 <= up.interval_s <= 60:
         raise UserError("config: upload.bandwidth_mb must be >= 0 and upload.interval_s within 0.01..60")
     if not 5 <= s3.multipart_mb <= 5120:

@@ -449,7 +449,14 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
     options |= {f"fsname=ckptfs:{cfg.cache.dir}", "subtype=ckptfs"}
     if cfg.mount.allow_other and os.geteuid() == 0:
         options.add("allow_other")
-    pyfuse3.init(Operations(c.tree, cfg.cache.dir, c.health), mountpoint, options)
+    remote_fsync = None
+    if c.uploader is not None and cfg.upload.fsync_remote:
+        uploader, timeout = c.uploader, cfg.upload.fsync_timeout_s
+
+        async def remote_fsync(paths: list[bytes]) -> None:
+            await uploader.wait_paths(paths, timeout)
+
+    pyfuse3.init(Operations(c.tree, cfg.cache.dir, c.health, remote_fsync), mountpoint, options)
     clean = False
     try:
         async with trio.open_nursery() as nursery:

@@ -49,6 +49,10 @@ class PermanentBackendError(BackendError):
     """A failure retrying will not fix (bad credentials, missing bucket)."""
 
 
+class NotInStore(CkptfsError):
+    """``upload.fsync_remote``: the file did not reach the object store in time (EIO from fsync)."""
+
+
 class ObjectNotFound(BackendError):
     """The object store has no object under that key."""
 

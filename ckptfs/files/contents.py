@@ -123,6 +123,11 @@ class FileContents:
         act = self.active.get(inode)
         return None if act is None else act.size
 
+    def being_written(self, inode: InodeId) -> bool:
+        """Is the inode's staged version open for writing (it cannot be ingested before the last close)?"""
+        act = self.active.get(inode)
+        return act is not None and act.writers > 0
+
     def state(self, inode: InodeId) -> VersionState | None:
         """``staged`` until the version's ``local`` commit is durable, then ``local``."""
         if inode in self.active or inode in self._syncing:

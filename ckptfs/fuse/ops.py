@@ -14,14 +14,14 @@ import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, RequestContext, XAttrNameT
 
 from ckptfs import failpoints
-from ckptfs.errors import CacheFull, CorruptChunk, Failsafe, NotFound, PosixError
+from ckptfs.errors import CacheFull, CorruptChunk, Failsafe, NotFound, NotInStore, PosixError
 from ckptfs.health import Health, is_fatal
 from ckptfs.namespace import ROOT, Attr, Tree
 from ckptfs.types import InodeId
@@ -39,6 +39,7 @@ _ERRNO_OF: tuple[tuple[type[BaseException], int], ...] = (
     (NotFound, errno.ENOENT),
     (CacheFull, errno.ENOSPC),
     (CorruptChunk, errno.EIO),
+    (NotInStore, errno.EIO),
 )
 
 
@@ -118,11 +119,19 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = True
 
-    def __init__(self, tree: Tree, statfs_path: str, health: Health) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        statfs_path: str,
+        health: Health,
+        remote_fsync: Callable[[list[bytes]], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__()
         self.tree = tree
         self.statfs_path = statfs_path
         self.health = health
+        # upload.fsync_remote: fsync(2) of a closed file's fd returns once its paths are in the store
+        self.remote_fsync = remote_fsync
 
     @_edge()
     async def lookup(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> pyfuse3.EntryAttributes:
@@ -246,6 +255,11 @@ class Operations(pyfuse3.Operations):
     @_edge(writes=True)
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.tree.fsync(fh)
+        ino = self.tree.handle(fh).inode
+        if self.remote_fsync is not None and not self.tree.being_written(ino):
+            # (a file still open for writing cannot be ingested, let alone uploaded, before its last close:
+            # that fsync returns at local durability)
+            await self.remote_fsync(self.tree.paths_of(ino))
 
     @_edge()
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:

@@ -509,6 +509,25 @@ class Tree:
         once the WAL is synced. Checkpoints."""
         await self.contents.sync_metadata()
 
+    def being_written(self, ino: InodeId) -> bool:
+        return self.contents.being_written(ino)
+
+    def paths_of(self, ino: InodeId) -> list[bytes]:
+        """Every path of ``ino`` (one per hard link), absolute, as bytes."""
+        out = []
+        for parent, name in self.db.execute("SELECT parent, name FROM dirents WHERE inode=?", (ino,)).fetchall():
+            parts = [bytes(name)]
+            at = InodeId(int(parent))
+            while at != ROOT and len(parts) < 4096:
+                row = self.db.one("SELECT parent, name FROM dirents WHERE inode=? LIMIT 1", (at,))
+                if row is None:
+                    break
+                parts.append(bytes(row[1]))
+                at = InodeId(int(row[0]))
+            else:
+                out.append(b"/" + b"/".join(reversed(parts)))
+        return out
+
     def state(self, ino: InodeId) -> VersionState | None:
         return self.contents.state(ino)
 

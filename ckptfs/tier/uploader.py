@@ -24,7 +24,14 @@ import trio
 from ckptfs.backend.base import ObjectStore
 from ckptfs.cache import ChunkCache
 from ckptfs.cache.store import SMALL_FRAME
-from ckptfs.errors import BackendError, ChunkMissing, ObjectNotFound, PermanentBackendError, UserError
+from ckptfs.errors import (
+    BackendError,
+    ChunkMissing,
+    NotInStore,
+    ObjectNotFound,
+    PermanentBackendError,
+    UserError,
+)
 from ckptfs.meta import Database
 from ckptfs.meta.tiering import ChunkRow, Tiering
 from ckptfs.tier import journal
@@ -336,6 +343,14 @@ class Uploader:
                     await self._round_done.wait()
                 missing = self.unpublished(prefix)
         return missing
+
+    async def wait_paths(self, paths: list[bytes], timeout: float) -> None:
+        """``upload.fsync_remote``: until every one of ``paths`` is in the store. Raises ``NotInStore``."""
+        missing: list[str] = []
+        for path in paths:
+            missing += await self.flush(path, timeout)
+        if missing:
+            raise NotInStore(f"not in the store after {timeout:.0f} s: {', '.join(missing[:5])}")
 
     async def drain(self, timeout: float) -> bool:
         """At unmount: upload until the queue is empty or ``timeout`` passes. True if it emptied."""

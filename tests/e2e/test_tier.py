@@ -482,3 +482,49 @@ def test_two_mounts_on_one_bucket_see_each_others_files(kind, request, tmp_path,
     for m in (a, b):
         res = m.cli("fsck", "--cache", str(m.cache), check=False)
         assert " 0 problems" in res.stdout, res.stdout
+
+
+@pytest.mark.s3
+def test_fsync_can_wait_for_the_store_and_fails_with_eio_when_it_does_not_answer(s3_server, mount_factory):
+    import errno
+
+    from tests.faultproxy import FaultProxy, Plan
+
+    proxy = FaultProxy(s3_server.ports["s3.port"])
+    try:
+        name = s3_server.new_bucket()
+        env = {
+            **s3_server.env(),
+            "AWS_ENDPOINT_URL_S3": proxy.endpoint,
+            "CKPTFS_UPLOAD_FSYNC_REMOTE": "true",
+            "CKPTFS_UPLOAD_FSYNC_TIMEOUT_S": "4",
+            "CKPTFS_S3_RETRIES": "2",
+        }
+        m = mount_factory(env=env, store=f"s3://{name}")
+        m.path("a.bin").write_bytes(os.urandom(1 << 20))
+        fd = os.open(m.path("a.bin"), os.O_RDONLY)  # fsync after close: the idiom for "make it durable"
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert m.state("a.bin") == "remote"  # fsync returned only once it was in the store
+        with open(m.path("b.bin"), "wb") as f:  # open for writing: fsync returns at local durability
+            f.write(b"x" * 1000)
+            f.flush()
+            os.fsync(f.fileno())
+        proxy.plan = Plan(every=1, kind="503")  # the store stops answering
+        m.path("c.bin").write_bytes(os.urandom(1 << 20))
+        fd = os.open(m.path("c.bin"), os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                os.fsync(fd)
+            assert e.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert m.path("c.bin").stat().st_size == 1 << 20  # nothing lost: it is in the cache, uploaded later
+        proxy.plan = Plan()
+        m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+        m.expect_errors = True
+        m.umount()
+    finally:
+        proxy.close()
