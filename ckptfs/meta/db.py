@@ -140,7 +140,8 @@ CREATE TABLE IF NOT EXISTS upload_queue (
 -- the namespace against it).
 CREATE TABLE IF NOT EXISTS published (
     path   BLOB PRIMARY KEY,
-    digest BLOB NOT NULL
+    digest BLOB NOT NULL,
+    inode  INTEGER                       -- the inode the path showed then (a rename's tombstone waits for it)
 ) WITHOUT ROWID;
 -- For each path, the journal event (segment time, writer id, segment id, position) the namespace shows:
 -- this node's own published events and other nodes' applied ones (tier/refresh.py: last writer wins).

@@ -331,11 +331,16 @@ class Tiering:
     def published(self) -> dict[bytes, bytes]:
         return {bytes(p): bytes(d) for p, d in self.db.execute("SELECT path, digest FROM published").fetchall()}
 
+    def published_inodes(self) -> dict[bytes, int | None]:
+        rows = self.db.execute("SELECT path, inode FROM published").fetchall()
+        return {bytes(p): None if i is None else int(i) for p, i in rows}
+
     def commit_published(
         self,
         changes: dict[bytes, bytes | None],
         remote: Iterable[VersionId],
         ranks: dict[bytes, Rank] | None = None,
+        inodes: dict[bytes, int] | None = None,
     ) -> None:
         """After a journal segment is in the store: remember what it published (None: a tombstone, the
         path is forgotten), the rank of each event, and make its versions ``remote``."""
@@ -344,7 +349,10 @@ class Tiering:
                 if digest is None:
                     c.execute("DELETE FROM published WHERE path=?", (path,))
                 else:
-                    c.execute("INSERT OR REPLACE INTO published (path, digest) VALUES (?, ?)", (path, digest))
+                    c.execute(
+                        "INSERT OR REPLACE INTO published (path, digest, inode) VALUES (?, ?, ?)",
+                        (path, digest, (inodes or {}).get(path)),
+                    )
             for path, rank in (ranks or {}).items():
                 c.execute("INSERT OR REPLACE INTO ranks (path, ts, writer, seg, idx) VALUES (?,?,?,?,?)", (path, *rank))
             for vid in remote:
@@ -365,7 +373,7 @@ class Tiering:
         with self.db.transaction() as c:
             c.executemany("INSERT OR IGNORE INTO seen_segments (key) VALUES (?)", [(k,) for k in keys])
 
-    def applied(self, path: bytes, rank: Rank, digest: bytes | None) -> None:
+    def applied(self, path: bytes, rank: Rank, digest: bytes | None, inode: int | None = None) -> None:
         """Another writer's event for ``path`` now shows here: its rank, and (so this node does not
         publish it again as its own change) what the path looks like now (None: gone)."""
         with self.db.transaction() as c:
@@ -373,7 +381,9 @@ class Tiering:
             if digest is None:
                 c.execute("DELETE FROM published WHERE path=?", (path,))
             else:
-                c.execute("INSERT OR REPLACE INTO published (path, digest) VALUES (?, ?)", (path, digest))
+                c.execute(
+                    "INSERT OR REPLACE INTO published (path, digest, inode) VALUES (?, ?, ?)", (path, digest, inode)
+                )
 
     def import_version(
         self, ino: int, size: int, mtime_ns: int, extents: list[tuple[int, int, ChunkId]], chunks: list[ChunkRow]

@@ -133,10 +133,12 @@ def rebuild(db: Database, store: ObjectStore, progress: Progress | None = None) 
     tiering.import_entries(rows)
     # What this new incarnation has "published" is what it recovered: only later changes go in its journal;
     # and the refresh from other nodes starts after these segments, at these ranks.
+    now = tiering.namespace()
     tiering.commit_published(
-        {e.path: journal.digest(e) for e in tiering.namespace()},
+        {e.path: journal.digest(e) for e in now},
         [],
         {path_bytes(p): rank for p, (rank, _) in ranked.items()},
+        {e.path: e.inode for e in now},
     )
     tiering.mark_seen(keys)
     return Recovered(

@@ -95,7 +95,7 @@ class Refresher:
             ino = self._apply(path, ev)
             if ino is not False:
                 now = None if ino is None else self.tiering.entry(path, ino)
-                self.tiering.applied(path, rank, None if now is None else journal.digest(now))
+                self.tiering.applied(path, rank, None if now is None else journal.digest(now), ino)
                 changed += 1
         self.tiering.mark_seen(new)
         self.applied += changed

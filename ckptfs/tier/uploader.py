@@ -269,6 +269,7 @@ class Uploader:
         changes: dict[bytes, bytes | None] = {}
         remote: list[VersionId] = []
         seen = set()
+        waiting: set[int] = set()  # inodes at a path that cannot be published yet
         for e in entries:
             seen.add(e.path)
             d = journal.digest(e)
@@ -277,17 +278,22 @@ class Uploader:
             extents, rows = [], []
             if journal.kind_of(e.mode) == "file" and e.version is not None:
                 if e.state == VersionState.STAGED.value:
+                    waiting.add(e.inode)
                     continue  # its last published version stays until this one is remote
                 rows = self.tiering.closure([e.version])
                 if any(r.remote is None for r in rows):
+                    waiting.add(e.inode)
                     continue  # not all up yet (a later round)
                 extents = self.tiering.extents(e.version)
                 if e.state == VersionState.LOCAL.value:
                     remote.append(e.version)
             events.append(journal.event(e, extents, rows))
             changes[e.path] = d
+        old_inodes = self.tiering.published_inodes()
         for path in old:
             if path not in seen:
+                if old_inodes.get(path) in waiting:
+                    continue  # renamed, and the new path cannot be published yet: the old one stays till then
                 events.append(journal.tombstone(path))
                 changes[path] = None
         if events:
@@ -298,7 +304,8 @@ class Uploader:
             await self._put(key, encode_segment(self.writer, ts, events, sid))
             self.stats.segments += 1
             ranks = {path_bytes(ev["path"]): (ts, self.writer, sid, i) for i, ev in enumerate(events)}
-            self.tiering.commit_published(changes, remote, ranks)
+            inodes = {e.path: e.inode for e in entries if e.path in changes}
+            self.tiering.commit_published(changes, remote, ranks, inodes)
         # queued versions no path shows (fallbacks, unlinked while open) leave the queue once uploaded
         shown = set(remote)
         stray = [v for v in queued if v not in shown and all(r.remote is not None for r in self.tiering.closure([v]))]

@@ -528,3 +528,24 @@ def test_fsync_can_wait_for_the_store_and_fails_with_eio_when_it_does_not_answer
         m.umount()
     finally:
         proxy.close()
+
+
+def test_a_rename_before_the_new_version_is_up_keeps_the_old_path_in_the_bucket(mount_factory, tmp_path):
+    """Publishing the old path's tombstone before the new path could be published would leave the bucket
+    with the file under no name at all: a node lost then would lose it. The new version here waits for
+    compaction (upload.compact_wait_s) while other namespace changes are published."""
+    store = LocalDirStore(tmp_path / "objects")
+    m = mount_factory(store=f"file://{tmp_path / 'objects'}", env={"CKPTFS_UPLOAD_COMPACT_WAIT_S": "60"})
+    v1, v2 = os.urandom(300_000), os.urandom(300_000)
+    m.path("a.bin").write_bytes(v1)
+    m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+    m.path("a.bin").write_bytes(v2)
+    m.wait_local("a.bin")
+    os.rename(m.path("a.bin"), m.path("b.bin"))
+    m.path("x").mkdir()  # a change that is published at once
+    _wait_for("the directory in the bucket", lambda: "/x" in bucket.view(store))
+    files = bucket.files(store)
+    assert files.get("/a.bin") == v1 or files.get("/b.bin") == v2, files  # never under no name
+    m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
+    assert bucket.files(store) == {"/b.bin": v2}
+    m.umount()
