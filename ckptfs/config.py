@@ -139,7 +139,7 @@ _SECTIONS = {
 
 
 # Variables that are not settings: the config file, and hooks for tests (docs: README, "Configuration").
-_OTHER_ENV = {"CKPTFS_CONFIG", "CKPTFS_BOOT_ID", "CKPTFS_FAILPOINTS"}
+_OTHER_ENV = {"CKPTFS_CONFIG", "CKPTFS_BOOT_ID", "CKPTFS_FAILPOINTS", "CKPTFS_DEMO_DIR"}
 _OTHER_ENV_PREFIXES = ("CKPTFS_TEST_",)
 
 
