@@ -18,7 +18,7 @@ class VersionState(enum.StrEnum):
 
     STAGED = "staged"  # bytes live in a staging file on the cache disk
     LOCAL = "local"  # chunked, encoded and committed in the local chunk cache
-    REMOTE = "remote"  # every chunk and the manifest are in the object store
+    REMOTE = "remote"  # every chunk and a journal segment naming the version are in the object store
 
 
 @dataclass(frozen=True, slots=True)
