@@ -177,6 +177,16 @@ class Tiering:
         ).fetchall()
         return [self._row(r) for r in rows]
 
+    def being_ingested(self, limit: int) -> list[ChunkRow]:
+        """Chunks an ingest has stored and not committed yet (refcount 0, not in the store): a flush
+        uploads them while the rest of the version is still being chunked."""
+        rows = self.db.execute(
+            "SELECT id, codec, stored, raw_len, base, depth, remote, remote_off, remote_len FROM chunks"
+            " WHERE remote IS NULL AND refcount = 0 ORDER BY depth LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
     @staticmethod
     def _row(r: tuple[Any, ...]) -> ChunkRow:  # SQL-typed values
         base = None if r[4] is None else ChunkId(bytes(r[4]))

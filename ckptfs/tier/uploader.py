@@ -179,6 +179,8 @@ class Uploader:
             # frames re-encoded (repack, compaction) after their versions went up: their new frames go up
             # too, or the chunks could never leave the cache
             await self._upload_chunks(self.tiering.not_uploaded(_STRAYS))
+            if hurry:  # a flush: what ingest has stored of a version still being chunked goes up already
+                await self._upload_chunks(self.tiering.being_ingested(_STRAYS))
             await self._publish(vids)
             self._finished += 1
             self._round_done.set()
@@ -349,6 +351,8 @@ class Uploader:
                     self.wake()
                     await self._round_done.wait()
                 missing = self.unpublished(prefix)
+                if missing:
+                    await trio.sleep(0.1)  # ingest or the store is still at it: do not spin
         return missing
 
     async def wait_paths(self, paths: list[bytes], timeout: float) -> None:
