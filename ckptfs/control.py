@@ -109,6 +109,16 @@ class ControlServer:
             bound.unlink(missing_ok=True)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """One request. Nothing a client does (going away mid-answer, sending junk) may end the daemon:
+        every error ends this connection only."""
+        try:
+            await self._serve_one(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away (a flush or warmup interrupted with ^C)
+        except Exception:
+            log.exception("control request failed")
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
                 buf = b""
@@ -122,12 +132,9 @@ class ControlServer:
                     reply = await self.warmup(req, stream)
                 else:
                     reply = await self.answer(req)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, AttributeError) as exc:
                 reply = {"ok": False, "error": f"bad request: {exc}"}
-            try:
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away (a flush interrupted with ^C)
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
 
     async def answer(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -158,18 +165,24 @@ class ControlServer:
                 lines.append(json.dumps({"progress": [done, total, nbytes, total_bytes]}).encode() + b"\n")
 
         async def pump() -> None:
-            while True:
-                while lines:
-                    await stream.send_all(lines.pop(0))
-                await trio.sleep(0.05)
+            try:
+                while True:
+                    while lines:
+                        await stream.send_all(lines.pop(0))
+                    await trio.sleep(0.05)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                lines.clear()  # the client went away; the warm-up goes on (it only fills the cache)
+                await trio.sleep_forever()
 
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
-            files, fetched, errors = await warm(self.db, self.cache, prefixes, int(req.get("jobs", 8)), progress)
+            jobs = max(1, min(64, int(req.get("jobs", 8))))
+            files, fetched, errors = await warm(self.db, self.cache, prefixes, jobs, progress)
             nursery.cancel_scope.cancel()
         for line in lines:
             await stream.send_all(line)
+        lines.clear()
         secs = trio.current_time() - start
         return {"ok": not errors, "files": files, "fetched_bytes": fetched, "seconds": secs, "errors": errors[:20]}
 

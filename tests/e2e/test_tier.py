@@ -549,3 +549,22 @@ def test_a_rename_before_the_new_version_is_up_keeps_the_old_path_in_the_bucket(
     m.cli("flush", "--wait", "--timeout", "60", str(m.mnt))
     assert bucket.files(store) == {"/b.bin": v2}
     m.umount()
+
+
+def test_the_control_socket_survives_junk_and_clients_that_go_away(mount):
+    import socket as sk
+
+    mount.path("a.bin").write_bytes(os.urandom(2 << 20))
+    mount.cli("flush", "--wait", "--timeout", "60", str(mount.mnt))
+    sock_path = str(mount.cache / "control.sock")
+    for payload in (b"not json\n", b"[1, 2]\n", b'{"op": "nope"}\n', b'{"op": "warmup", "paths": [""]}\n'):
+        with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
+            s.connect(sock_path)
+            s.sendall(payload)  # and go away without reading the answer
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
+        s.connect(sock_path)
+        s.sendall(b"[1]\n")
+        assert b"bad request" in s.recv(4096)
+    st = _status(mount)  # the daemon is still there and answers
+    assert st["failsafe"] is None
+    assert mount.path("a.bin").stat().st_size == 2 << 20
