@@ -209,6 +209,10 @@ class ChunkCache:
         """The chunk's small frame, if it has one (through this thread's connection)."""
         return None if self._frames is None else self._frames.get(cid)
 
+    def holds(self, cid: ChunkId) -> bool:
+        """Is a frame of ``cid`` here (a small one, or a file), so a read needs no store?"""
+        return self.small(cid) is not None or self.has_file(cid)
+
     def has_file(self, cid: ChunkId) -> bool:
         return self.path(cid).exists()
 

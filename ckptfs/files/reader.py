@@ -133,7 +133,7 @@ class ChunkReader:
     def _fetch_chain_ahead(self, cid: ChunkId) -> None:
         """A chunk missing from the cache with a delta chain: fetch every base's frame at once (they are
         known from the rows), instead of one after the other as the decode reaches them."""
-        if self._nursery is None or self.cache.small(cid) is not None or self.cache.has_file(cid):
+        if self._nursery is None or self.cache.holds(cid):
             return
         rows = self.db.execute(
             "WITH RECURSIVE t(id, n) AS (SELECT base, 1 FROM chunks WHERE id=? AND base IS NOT NULL"
@@ -185,7 +185,7 @@ class ChunkReader:
             if len(self._frames_seen) > 100_000:
                 self._frames_seen.clear()
             self._frames_seen.add(cid)
-            if self.cache.small(cid) is None and not self.cache.has_file(cid):
+            if not self.cache.holds(cid):
                 self._nursery.start_soon(self._prefetch_frame, cid)
 
     async def _prefetch_frame(self, cid: ChunkId) -> None:

@@ -91,10 +91,9 @@ class Repacker:
             todo |= self.chunks.released
             self.chunks.released.clear()
             roots: set[ChunkId] = set()
-            cache = self.chunks.cache
             for cid in todo:
                 refs = self.chunks.direct_refs(cid)
-                if refs is not None and refs <= 0 and (cache.small(cid) is not None or cache.has_file(cid)):
+                if refs is not None and refs <= 0 and self.chunks.cache.holds(cid):
                     # (a dead chunk that is only in the store frees nothing here: re-encoding its
                     # dependents would fetch and upload them again for no local byte)
                     root = chain_root(self.chunks, cid)

@@ -35,7 +35,7 @@ async def warm(
     entries = [e for e in tiering.namespace() if e.version is not None and under(e.path)]
     vids = sorted({VersionId(e.version) for e in entries if e.version is not None})
     rows = [r for r in tiering.closure(vids) if r.remote is not None]
-    todo = [r for r in rows if cache.small(r.id) is None and not cache.has_file(r.id)]
+    todo = [r for r in rows if not cache.holds(r.id)]
     total = sum(r.stored for r in todo)
     done_frames = done_bytes = 0
     errors: list[str] = []
