@@ -43,8 +43,16 @@ def load_view(
     """(segment keys read, the winning event of each path with its rank) of the store's journal. A
     segment that cannot be decoded is skipped with a warning (an interrupted writer cannot leave one:
     puts are atomic), one that vanished between list and get too. Raises ``BackendError``."""
-    keys = list(store.list(JOURNAL_PREFIX))
-    done = 0
+    got = fetch_segments(store, list(store.list(JOURNAL_PREFIX)), threads, progress)
+    return [key for key, _ in got], journal.winners(seg for _, seg in got)
+
+
+def fetch_segments(
+    store: ObjectStore, keys: list[str], threads: int = 16, progress: Progress | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(key, decoded segment) of each of ``keys``, fetched ``threads`` at once. A segment that cannot be
+    decoded is skipped with a warning (an interrupted writer cannot leave one: puts are atomic), one
+    that vanished between list and get too. Raises ``BackendError``."""
 
     def one(key: str) -> dict[str, Any] | None:
         try:
@@ -52,20 +60,17 @@ def load_view(
         except ObjectNotFound:
             return None
         except ValueError as exc:
-            log.warning("recovery: journal segment %s is unreadable (%s); skipped", key, exc)
+            log.warning("journal segment %s is unreadable (%s); skipped", key, exc)
             return None
 
-    segments = []
-    read = []
+    out = []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
-        for key, seg in zip(keys, pool.map(one, keys), strict=True):
-            done += 1
+        for done, (key, seg) in enumerate(zip(keys, pool.map(one, keys), strict=True), 1):
             if progress:
                 progress(done, len(keys))
             if seg is not None:
-                segments.append(seg)
-                read.append(key)
-    return read, journal.winners(segments)
+                out.append((key, seg))
+    return out
 
 
 def _chunk_rows(ev: dict[str, Any]) -> list[ChunkRow]:

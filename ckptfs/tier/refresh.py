@@ -15,19 +15,18 @@ from __future__ import annotations
 import logging
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import trio
 
 from ckptfs.backend.base import ObjectStore
-from ckptfs.errors import BackendError, ObjectNotFound
+from ckptfs.errors import BackendError
 from ckptfs.meta import Database
 from ckptfs.meta.tiering import Tiering
 from ckptfs.namespace import Tree
 from ckptfs.tier import journal
-from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment, path_bytes, path_text
-from ckptfs.tier.recover import entries
+from ckptfs.tier.layout import JOURNAL_PREFIX, path_bytes, path_text
+from ckptfs.tier.recover import entries, fetch_segments
 from ckptfs.types import InodeId
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,8 @@ class Refresher:
         new = [k for k in keys if not k.startswith(own) and k not in seen]
         if not new:
             return 0
-        segments = await trio.to_thread.run_sync(self._fetch, new)
+        got = await trio.to_thread.run_sync(fetch_segments, self.store, new)
+        segments = [seg for _, seg in got]
         best = journal.winners(segments)
         changed = 0
         published = self.tiering.published()
@@ -102,19 +102,6 @@ class Refresher:
         if changed:
             log.info("refresh: %d paths changed by other nodes", changed)
         return changed
-
-    def _fetch(self, keys: list[str]) -> list[dict[str, Any]]:
-        def one(key: str) -> dict[str, Any] | None:
-            try:
-                return decode_segment(self.store.get(key))
-            except ObjectNotFound:
-                return None
-            except ValueError as exc:
-                log.warning("journal segment %s is unreadable (%s); skipped", key, exc)
-                return None
-
-        with ThreadPoolExecutor(max_workers=max(1, min(16, len(keys)))) as pool:
-            return [s for s in pool.map(one, keys) if s is not None]
 
     def _apply(self, path: bytes, ev: dict[str, Any]) -> InodeId | None | bool:
         """Make ``path`` show ``ev``. Trio thread, no checkpoint. Returns the inode now at the path (None:
