@@ -11,11 +11,13 @@ import os
 import sqlite3
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ckptfs.meta.db import Database
+from ckptfs.meta.versions import add_refs
 from ckptfs.types import ChunkId, VersionId, VersionState
 
 # The order of journal events: (segment time, writer id, segment id, position in the segment).
@@ -300,29 +302,8 @@ class Tiering:
                 if e.is_dir:
                     ino_of[e.path] = ino
                     c.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id=?", (parent,))
-                if e.extents is None or not e.size:
-                    continue
-                vid = c.execute(
-                    "INSERT INTO versions (inode, state, size, created_ns) VALUES (?,?,?,?)",
-                    (ino, VersionState.REMOTE.value, e.size, e.mtime_ns),
-                ).lastrowid
-                c.execute("UPDATE inodes SET version=? WHERE id=?", (vid, ino))
-                c.executemany(
-                    "INSERT INTO extents (version, offset, length, chunk) VALUES (?,?,?,?)",
-                    [(vid, off, n, cid) for off, n, cid in e.extents],
-                )
-                c.executemany(
-                    "INSERT OR IGNORE INTO chunks (id, codec, raw_len, stored, refcount, base, depth, remote,"
-                    " remote_off, remote_len) VALUES (?,?,?,?,0,?,?,?,?,?)",
-                    [
-                        (r.id, r.codec, r.raw_len, r.stored, r.base, r.depth, r.remote, r.remote_off, r.remote_len)
-                        for r in e.chunks
-                    ],
-                )
-            c.execute(
-                "UPDATE chunks SET refcount = (SELECT count(*) FROM extents x WHERE x.chunk = chunks.id)"
-                " + (SELECT count(*) FROM chunks d WHERE d.base = chunks.id)"
-            )
+                if e.extents is not None and e.size:
+                    self._insert_version(c, ino, e.size, e.mtime_ns, e.extents, e.chunks)
         return len(entries)
 
     def entry(self, path: bytes, ino: int) -> Entry | None:
@@ -401,29 +382,40 @@ class Tiering:
         """Give inode ``ino`` (a file just created, empty) another writer's version: ``remote``, its extents,
         and rows for the chunks this cache does not know yet (with where they are in the store)."""
         with self.db.transaction() as c:  # atomic: no await until commit
-            vid = c.execute(
-                "INSERT INTO versions (inode, state, size, created_ns) VALUES (?,?,?,?)",
-                (ino, VersionState.REMOTE.value, size, mtime_ns),
-            ).lastrowid
-            new = []
-            for r in chunks:
-                cur = c.execute(
-                    "INSERT OR IGNORE INTO chunks (id, codec, raw_len, stored, refcount, base, depth, remote,"
-                    " remote_off, remote_len) VALUES (?,?,?,?,0,?,?,?,?,?)",
-                    (r.id, r.codec, r.raw_len, r.stored, r.base, r.depth, r.remote, r.remote_off, r.remote_len),
-                )
-                if cur.rowcount:
-                    new.append(r)
-            for r in new:  # a new row holds its base, as record_stored does
-                if r.base is not None:
-                    c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (r.base,))
-            c.executemany(
-                "INSERT INTO extents (version, offset, length, chunk) VALUES (?,?,?,?)",
-                [(vid, off, n, cid) for off, n, cid in extents],
+            self._insert_version(c, ino, size, mtime_ns, extents, chunks)
+
+    @staticmethod
+    def _insert_version(
+        c: sqlite3.Connection,
+        ino: int,
+        size: int,
+        mtime_ns: int,
+        extents: list[tuple[int, int, ChunkId]],
+        chunks: list[ChunkRow],
+    ) -> None:
+        """Inside a transaction: a ``remote`` version of ``ino`` with its extents, the rows of the chunks
+        this cache does not know yet, and the references both hold (``chunks`` names every base)."""
+        vid = c.execute(
+            "INSERT INTO versions (inode, state, size, created_ns) VALUES (?,?,?,?)",
+            (ino, VersionState.REMOTE.value, size, mtime_ns),
+        ).lastrowid
+        new = []
+        for r in chunks:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO chunks (id, codec, raw_len, stored, refcount, base, depth, remote,"
+                " remote_off, remote_len) VALUES (?,?,?,?,0,?,?,?,?,?)",
+                (r.id, r.codec, r.raw_len, r.stored, r.base, r.depth, r.remote, r.remote_off, r.remote_len),
             )
-            for *_span, cid in extents:
-                c.execute("UPDATE chunks SET refcount = refcount + 1 WHERE id=?", (cid,))
-            c.execute("UPDATE inodes SET version=?, size=?, mtime_ns=? WHERE id=?", (vid, size, mtime_ns, ino))
+            if cur.rowcount:
+                new.append(r)
+        # a new row holds its base, as record_stored does; each extent holds its chunk
+        add_refs(c, Counter(r.base for r in new if r.base is not None))
+        c.executemany(
+            "INSERT INTO extents (version, offset, length, chunk) VALUES (?,?,?,?)",
+            [(vid, off, n, cid) for off, n, cid in extents],
+        )
+        add_refs(c, Counter(cid for *_span, cid in extents))
+        c.execute("UPDATE inodes SET version=?, size=?, mtime_ns=? WHERE id=?", (vid, size, mtime_ns, ino))
 
     def uploaded_unpublished(self, vids: Iterable[VersionId]) -> None:
         """Versions whose chunks are all remote but no path shows them (fallbacks, unlinked files): they
