@@ -56,6 +56,14 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Published:
+    """A path as this node's journal last showed it: the digest of its entry, and its inode then."""
+
+    digest: bytes
+    inode: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ImportEntry:
     """A path recovered from the store's journal (``extents`` None: not a regular file)."""
 
@@ -319,12 +327,10 @@ class Tiering:
         target = None if r[8] is None else bytes(r[8])
         return Entry(path, int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), vid, r[7], target)
 
-    def published(self) -> dict[bytes, bytes]:
-        return {bytes(p): bytes(d) for p, d in self.db.execute("SELECT path, digest FROM published").fetchall()}
-
-    def published_inodes(self) -> dict[bytes, int | None]:
-        rows = self.db.execute("SELECT path, inode FROM published").fetchall()
-        return {bytes(p): None if i is None else int(i) for p, i in rows}
+    def published(self) -> dict[bytes, Published]:
+        """What this node last put in its journal (or applied from another's), per path."""
+        rows = self.db.execute("SELECT path, digest, inode FROM published").fetchall()
+        return {bytes(p): Published(bytes(d), None if i is None else int(i)) for p, d, i in rows}
 
     def commit_published(
         self,

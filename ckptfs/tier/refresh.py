@@ -90,7 +90,8 @@ class Refresher:
             if mine is not None and rank <= mine:
                 continue
             here = current.get(path)
-            if here is not None and published.get(path) != journal.digest(here):
+            prev = published.get(path)
+            if here is not None and (prev is None or prev.digest != journal.digest(here)):
                 continue  # changed here and not published yet: this node's version will have its own rank
             ino = self._apply(path, ev)
             if ino is not False:

@@ -154,17 +154,20 @@ class Uploader:
                 await self.round(hurry)
             except BackendError as exc:
                 backoff = min(max(1.0, backoff * 2), 60.0)
-                self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
+                self._failed(exc)
                 continue
             backoff = 0.0
             self._seen_changes = changes
 
-    def _failed(self, message: str, permanent: bool) -> None:
+    def _failed(self, exc: BackendError) -> None:
+        """A round failed: note it on the queued versions; log it once per distinct message."""
+        message = str(exc)
         first = self.stats.last_error != message
         self.stats.last_error, self.stats.last_error_ns = message, time.time_ns()
         self.tiering.failed(self.tiering.pending(_BATCH), message)
         if first:
-            (log.error if permanent else log.warning)("upload: %s; retrying (nothing is lost)", message)
+            level = logging.ERROR if isinstance(exc, PermanentBackendError) else logging.WARNING
+            log.log(level, "upload: %s; retrying (nothing is lost)", message)
 
     async def round(self, hurry: bool = False) -> None:
         """Upload what the queue holds — without ``hurry`` (a flush, an unmount), only versions whose
@@ -275,7 +278,8 @@ class Uploader:
         for e in entries:
             seen.add(e.path)
             d = journal.digest(e)
-            if old.get(e.path) == d:
+            prev = old.get(e.path)
+            if prev is not None and prev.digest == d:
                 continue
             extents, rows = [], []
             if journal.kind_of(e.mode) == "file" and e.version is not None:
@@ -291,10 +295,9 @@ class Uploader:
                     remote.append(e.version)
             events.append(journal.event(e, extents, rows))
             changes[e.path] = d
-        old_inodes = self.tiering.published_inodes()
-        for path in old:
+        for path, prev in old.items():
             if path not in seen:
-                if old_inodes.get(path) in waiting:
+                if prev.inode in waiting:
                     continue  # renamed, and the new path cannot be published yet: the old one stays till then
                 events.append(journal.tombstone(path))
                 changes[path] = None
@@ -335,7 +338,8 @@ class Uploader:
 
         for e in self.tiering.namespace():
             seen.add(e.path)
-            if under(e.path) and old.get(e.path) != journal.digest(e):
+            prev = old.get(e.path)
+            if under(e.path) and (prev is None or prev.digest != journal.digest(e)):
                 out.append(path_text(e.path))
         out += [path_text(p) + " (removed)" for p in old if p not in seen and under(p)]
         return sorted(out)
@@ -372,12 +376,12 @@ class Uploader:
                 try:
                     await self.round(hurry=True)
                 except BackendError as exc:
-                    self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
+                    self._failed(exc)
                     await trio.sleep(1)
             try:
                 await self.round(hurry=True)  # namespace changes with no version to upload
             except BackendError as exc:
-                self._failed(str(exc), permanent=isinstance(exc, PermanentBackendError))
+                self._failed(exc)
                 return False
             return True
         return False
