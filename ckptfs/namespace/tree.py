@@ -357,16 +357,23 @@ class Tree:
         self._lookups[ino] -= 1
         return ino
 
-    def path_of(self, ino: InodeId) -> str:
-        """A path of ``ino`` from the root (its first entry at each level), for messages."""
-        parts: list[str] = []
-        while ino != ROOT and len(parts) < 256:
+    def _names_up(self, ino: InodeId, limit: int) -> tuple[list[bytes], bool]:
+        """The names from the root down to ``ino`` (its first entry at each level, at most ``limit``), and
+        whether the walk reached the root (False: unlinked on the way)."""
+        names: list[bytes] = []
+        while ino != ROOT and len(names) < limit:
             row = self.db.one("SELECT parent, name FROM dirents WHERE inode=? LIMIT 1", (ino,))
             if row is None:
-                return "(unlinked)/" + "/".join(reversed(parts))
-            parts.append(bytes(row[1]).decode(errors="replace"))
+                return names[::-1], False
+            names.append(bytes(row[1]))
             ino = InodeId(int(row[0]))
-        return "/" + "/".join(reversed(parts))
+        return names[::-1], True
+
+    def path_of(self, ino: InodeId) -> str:
+        """A path of ``ino`` from the root (its first entry at each level), for messages."""
+        names, rooted = self._names_up(ino, 256)
+        text = "/".join(n.decode(errors="replace") for n in names)
+        return ("/" if rooted else "(unlinked)/") + text
 
     def purge_orphans(self) -> int:
         """At start-up: purge inodes no directory entry refers to (unlinked while open before a stop)."""
@@ -516,16 +523,9 @@ class Tree:
         """Every path of ``ino`` (one per hard link), absolute, as bytes."""
         out = []
         for parent, name in self.db.execute("SELECT parent, name FROM dirents WHERE inode=?", (ino,)).fetchall():
-            parts = [bytes(name)]
-            at = InodeId(int(parent))
-            while at != ROOT and len(parts) < 4096:
-                row = self.db.one("SELECT parent, name FROM dirents WHERE inode=? LIMIT 1", (at,))
-                if row is None:
-                    break
-                parts.append(bytes(row[1]))
-                at = InodeId(int(row[0]))
-            else:
-                out.append(b"/" + b"/".join(reversed(parts)))
+            names, rooted = self._names_up(InodeId(int(parent)), 4096)
+            if rooted:
+                out.append(b"/" + b"/".join([*names, bytes(name)]))
         return out
 
     def state(self, ino: InodeId) -> VersionState | None:
