@@ -88,6 +88,18 @@ class QueueSummary:
     failing: list[tuple[bytes | None, int, str]]  # (a path of the version, attempts, last error)
 
 
+_ENTRY_SELECT = (
+    "SELECT i.id, i.mode, i.uid, i.gid, i.mtime_ns, i.size, i.version, v.state, i.target"
+    " FROM inodes i LEFT JOIN versions v ON v.id = i.version"
+)
+
+
+def _entry(path: bytes, r: tuple[Any, ...]) -> Entry:  # a row of _ENTRY_SELECT
+    vid = None if r[6] is None else VersionId(int(r[6]))
+    target = None if r[8] is None else bytes(r[8])
+    return Entry(path, int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), vid, r[7], target)
+
+
 def queue_in(conn: sqlite3.Connection, vid: VersionId) -> None:
     """Inside the transaction that makes ``vid`` local: queue it for upload."""
     conn.execute("INSERT OR IGNORE INTO upload_queue (version, queued_ns) VALUES (?, ?)", (vid, time.time_ns()))
@@ -244,13 +256,7 @@ class Tiering:
 
     def namespace(self) -> list[Entry]:
         """Every path but the root, with what a journal event needs."""
-        inodes = {
-            int(r[0]): r
-            for r in self.db.execute(
-                "SELECT i.id, i.mode, i.uid, i.gid, i.mtime_ns, i.size, i.version, v.state, i.target"
-                " FROM inodes i LEFT JOIN versions v ON v.id = i.version"
-            ).fetchall()
-        }
+        inodes = {int(r[0]): r for r in self.db.execute(_ENTRY_SELECT).fetchall()}
         children: dict[int, list[tuple[bytes, int]]] = {}
         for parent, name, ino in self.db.execute("SELECT parent, name, inode FROM dirents").fetchall():
             children.setdefault(int(parent), []).append((bytes(name), int(ino)))
@@ -263,20 +269,7 @@ class Tiering:
                 if r is None:
                     continue
                 path = prefix + b"/" + name
-                out.append(
-                    Entry(
-                        path,
-                        ino,
-                        int(r[1]),
-                        int(r[2]),
-                        int(r[3]),
-                        int(r[4]),
-                        int(r[5]),
-                        None if r[6] is None else VersionId(int(r[6])),
-                        r[7],
-                        None if r[8] is None else bytes(r[8]),
-                    )
-                )
+                out.append(_entry(path, r))
                 if ino in children:
                     todo.append((ino, path))
         return out
@@ -316,16 +309,8 @@ class Tiering:
 
     def entry(self, path: bytes, ino: int) -> Entry | None:
         """The namespace entry of inode ``ino`` at ``path``."""
-        r = self.db.one(
-            "SELECT i.id, i.mode, i.uid, i.gid, i.mtime_ns, i.size, i.version, v.state, i.target"
-            " FROM inodes i LEFT JOIN versions v ON v.id = i.version WHERE i.id=?",
-            (ino,),
-        )
-        if r is None:
-            return None
-        vid = None if r[6] is None else VersionId(int(r[6]))
-        target = None if r[8] is None else bytes(r[8])
-        return Entry(path, int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), vid, r[7], target)
+        r = self.db.one(_ENTRY_SELECT + " WHERE i.id=?", (ino,))
+        return None if r is None else _entry(path, r)
 
     def published(self) -> dict[bytes, Published]:
         """What this node last put in its journal (or applied from another's), per path."""
