@@ -202,7 +202,6 @@ class ControlServer:
             "rate_bytes_per_s": round(up.rate()),
             "bytes_sent": up.stats.bytes_sent,
             "objects_sent": up.stats.objects_sent,
-            "objects_already_there": up.stats.objects_skipped,
             "journal_segments": up.stats.segments,
             "requests": getattr(up.store, "requests", None),  # S3 requests sent, retries included
             "last_error": up.stats.last_error,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ckptfs.backend.base import ObjectStore
 from ckptfs.tier.fetch import read_file
 from ckptfs.tier.journal import merge
-from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment
+from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment, read_pack_index
 
 
 def view(store: ObjectStore) -> dict[str, dict]:
@@ -15,6 +15,14 @@ def view(store: ObjectStore) -> dict[str, dict]:
 def files(store: ObjectStore) -> dict[str, bytes]:
     """Every file path in the bucket's namespace and its bytes, decoded and verified."""
     return {p: read_file(store, ev) for p, ev in view(store).items() if ev["kind"] == "file"}
+
+
+def frames(store: ObjectStore) -> list[tuple[str, str, int, int]]:
+    """Every frame in the bucket's packs: (chunk id hex, pack key, offset, length)."""
+    out = []
+    for key in store.list("packs/"):
+        out += [(cid.hex(), key, off, n) for cid, _, off, n in read_pack_index(store.get(key))]
+    return out
 
 
 def s3_store(server, bucket: str, prefix: str = ""):

@@ -265,7 +265,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"upload     {plural(up['queued_versions'], 'version')} queued ({_human(up['queued_bytes'])}){oldest}")
     print(
         f"           {_human(up['rate_bytes_per_s'])}/s over the last minute; {_human(up['bytes_sent'])} in"
-        f" {plural(up['objects_sent'], 'object')} sent, {up['objects_already_there']} already there,"
+        f" {plural(up['objects_sent'], 'object')} sent,"
         f" {plural(up['journal_segments'], 'journal segment')}"
     )
     if up["last_error"]:

@@ -88,7 +88,7 @@ class Evictor:
             return 0
         rows = self.db.execute(
             "SELECT c.id, c.stored, c.remote FROM chunks c"
-            " WHERE c.remote IS NOT NULL AND c.remote_off = 0 AND c.stored > ?"
+            " WHERE c.remote IS NOT NULL AND c.stored > ?"
             " ORDER BY (SELECT max(x.version) FROM extents x WHERE x.chunk = c.id) LIMIT ?",
             (SMALL_FRAME, _BATCH),
         ).fetchall()

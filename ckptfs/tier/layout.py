@@ -1,8 +1,7 @@
 """Names and formats of the objects in the store (docs/architecture.md, "Bucket layout"). Pure functions.
 
-* ``chunks/<ab>/<chunk id>.<frame digest>``: one frame, as in the local cache;
-* ``packs/<ab>/<pack digest>``: small frames back to back, then a zstd-compressed JSON index and its
-  length as 8 little-endian bytes;
+* ``packs/<ab>/<random id>``: frames back to back, exactly as in the local cache, then a zstd-compressed
+  JSON index and its length as 8 little-endian bytes;
 * ``journal/<writer id>/<ts:020d>-<random>``: a zstd-compressed JSON list of path events.
 """
 
@@ -26,11 +25,6 @@ JOURNAL_PREFIX = "journal/"
 
 def frame_digest(frame: bytes) -> str:
     return xxhash.xxh3_64_hexdigest(frame)
-
-
-def frame_key(cid: ChunkId, frame: bytes) -> str:
-    h = cid.hex()
-    return f"chunks/{h[:2]}/{h}.{frame_digest(frame)}"
 
 
 def marker() -> bytes:
@@ -66,8 +60,8 @@ def build_pack(frames: list[tuple[ChunkId, bytes]]) -> Pack:
         pos += len(frame)
     trailer = zstandard.ZstdCompressor(level=3).compress(json.dumps(index).encode())
     data = b"".join(parts) + trailer + struct.pack("<Q", len(trailer))
-    digest = xxhash.xxh3_128_hexdigest(data)
-    return Pack(f"packs/{digest[:2]}/{digest}", data, offsets)
+    name = os.urandom(16).hex()  # random: global without coordination, and a re-upload is a new name
+    return Pack(f"packs/{name[:2]}/{name}", data, offsets)
 
 
 def read_pack_index(data: bytes) -> list[tuple[ChunkId, str, int, int]]:

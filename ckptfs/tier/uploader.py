@@ -40,7 +40,6 @@ from ckptfs.tier.layout import (
     build_pack,
     check_marker,
     encode_segment,
-    frame_key,
     marker,
     new_segment_id,
     path_bytes,
@@ -52,7 +51,8 @@ from ckptfs.types import VersionId, VersionState
 log = logging.getLogger(__name__)
 
 _BATCH = 32  # versions per round
-_PACK_BYTES = 16 * 1024 * 1024  # small frames per pack at most
+_PACK_BYTES = 32 * 1024 * 1024  # a pack is closed once its frames reach this
+_PACKS_IN_FLIGHT = 4  # packs built and not yet put: at most this many (x _PACK_BYTES) in memory
 _STRAYS = 256  # re-encoded chunks of uploaded versions put up again per round
 
 
@@ -62,7 +62,6 @@ class UploadStats:
 
     bytes_sent: int = 0
     objects_sent: int = 0
-    objects_skipped: int = 0  # already in the store (another node, an earlier life)
     segments: int = 0
     rounds: int = 0
     last_error: str | None = None
@@ -120,7 +119,7 @@ class Uploader:
         self.writer = writer
         self.interval = interval
         self._limit = trio.CapacityLimiter(concurrency)
-        self._in_memory = trio.Semaphore(concurrency * 2)  # large frames read and not yet put
+        self._packs = trio.Semaphore(max(1, min(_PACKS_IN_FLIGHT, concurrency)))
         self._throttle = _Throttle(bandwidth)
         self._wake = trio.Event()
         self._seen_changes = -1
@@ -192,30 +191,51 @@ class Uploader:
     # -- frames and packs ---------------------------------------------------------------------------------
 
     async def _upload_chunks(self, rows: list[ChunkRow]) -> None:
-        """Put up every row's frame that is not in the store yet: large ones as objects of their own (at
-        most ``concurrency`` read into memory at once), small ones in packs of up to ``_PACK_BYTES``.
-        What went up is recorded even when something beside it failed; then the first error is raised."""
+        """Put up every row's frame that is not in the store yet, in packs of about ``_PACK_BYTES``
+        (frames read in order, at most ``_PACKS_IN_FLIGHT`` packs in memory, put in parallel). What went
+        up is recorded even when something beside it failed; then the first error is raised.
+
+        No ``head`` first: the index of what is in the store is ``chunks.remote``, which also holds what
+        other writers' journal segments named (``tier.refresh``), so a chunk already up is not sent
+        again; and a pack's name is random, so two writers never write one name."""
         todo = [r for r in rows if r.remote is None]
         if not todo:
             return
         done: list[tuple[ChunkRow, str, int, int]] = []
         errors: list[BaseException] = []
-        small: list[tuple[ChunkRow, bytes]] = []
         async with trio.open_nursery() as nursery:
+            batch: list[tuple[ChunkRow, bytes]] = []
+            size = 0
             for r in todo:
-                frame = self.cache.small(r.id) if r.stored <= SMALL_FRAME else None
+                frame = await self._frame(r, errors)
                 if frame is None:
-                    nursery.start_soon(self._put_frame, r, done, errors)
                     continue
-                small.append((r, frame))
-                if sum(len(f) for _, f in small) >= _PACK_BYTES:
-                    await self._put_pack(small, done, errors)
-                    small = []
-            if small:
-                await self._put_pack(small, done, errors)
+                batch.append((r, frame))
+                size += len(frame)
+                if size >= _PACK_BYTES:
+                    await self._packs.acquire()
+                    nursery.start_soon(self._put_pack, batch, done, errors)
+                    batch, size = [], 0
+            if batch:
+                await self._packs.acquire()
+                nursery.start_soon(self._put_pack, batch, done, errors)
         self.tiering.record_remote(done)
         if errors:
             raise errors[0]
+
+    async def _frame(self, row: ChunkRow, errors: list[BaseException]) -> bytes | None:
+        """The row's frame from the cache, or None if it is gone (collected meanwhile: its version is gone
+        too; or missing while the metadata names it: then the error is collected, by id)."""
+        if row.stored <= SMALL_FRAME:
+            frame = self.cache.small(row.id)
+            if frame is not None:
+                return frame
+        try:
+            return await trio.to_thread.run_sync(self.cache.get, row.id, limiter=self._limit)
+        except ChunkMissing as exc:
+            if self.db.one("SELECT 1 FROM chunks WHERE id=?", (row.id,)) is not None:
+                errors.append(exc)
+            return None
 
     async def _put_pack(
         self,
@@ -223,37 +243,19 @@ class Uploader:
         done: list[tuple[ChunkRow, str, int, int]],
         errors: list[BaseException],
     ) -> None:
-        pack = build_pack([(r.id, f) for r, f in frames])
+        """One pack (its slot in ``_packs`` taken by the caller, released here). A backend error is
+        collected, not raised: the packs beside it go on."""
         try:
-            await self._put(pack.key, pack.data)
-        except BackendError as exc:
-            errors.append(exc)
-            return
-        done += [(r, pack.key, *pack.offsets[r.id]) for r, _ in frames]
-
-    async def _put_frame(
-        self, row: ChunkRow, done: list[tuple[ChunkRow, str, int, int]], errors: list[BaseException]
-    ) -> None:
-        """One large frame (unless the same bytes are already there: names are content-addressed). A
-        backend error is collected, not raised: the frames beside it go on."""
-        async with self._in_memory:
+            # (copies 32 MiB and hashes every frame: off the trio thread, which serves the mount)
+            pack = await trio.to_thread.run_sync(build_pack, [(r.id, f) for r, f in frames])
             try:
-                frame = await trio.to_thread.run_sync(self.cache.get, row.id, limiter=self._limit)
-            except ChunkMissing as exc:
-                if self.db.one("SELECT 1 FROM chunks WHERE id=?", (row.id,)) is not None:
-                    errors.append(exc)  # the metadata names it and the cache lacks it: say so, by id
-                return  # collected meanwhile: its version is gone too
-            key = frame_key(row.id, frame)
-            try:
-                try:
-                    await trio.to_thread.run_sync(self.store.head, key, limiter=self._limit)
-                    self.stats.objects_skipped += 1
-                except ObjectNotFound:
-                    await self._put(key, frame)
+                await self._put(pack.key, pack.data)
             except BackendError as exc:
                 errors.append(exc)
                 return
-        done.append((row, key, 0, len(frame)))
+            done += [(r, pack.key, *pack.offsets[r.id]) for r, _ in frames]
+        finally:
+            self._packs.release()
 
     async def _put(self, key: str, data: bytes) -> None:
         await self._throttle.take(len(data))

@@ -75,7 +75,7 @@ def test_the_bucket_alone_holds_every_file_and_the_namespace(kind, request, tmp_
     assert stat.S_IMODE(view["/small.txt"]["mode"]) == 0o600
     # nothing was deleted from the bucket: the overwritten and unlinked versions' objects are all there
     m.umount()
-    assert all(k.startswith(("chunks/", "packs/", "journal/", "ckptfs.json")) for k in store.list(""))
+    assert all(k.startswith(("packs/", "journal/", "ckptfs.json")) for k in store.list(""))
 
 
 @pytest.mark.s3
@@ -172,7 +172,7 @@ def test_a_repack_after_upload_puts_new_frames_under_new_names_and_the_bucket_st
     for i, st in enumerate(states):
         torch.save(st, m.path(f"s{i}.pt"))
         m.cli("flush", "--wait", "--timeout", "60", str(m.path(f"s{i}.pt")))
-    before = set(store.list("chunks/"))
+    before = set(store.list("packs/"))
     last = m.path("s3.pt").read_bytes()
     assert "delta" in m.cli("ls-versions", str(m.path("s3.pt"))).stdout  # s3 depends on the others
     for i in range(3):
@@ -186,9 +186,9 @@ def test_a_repack_after_upload_puts_new_frames_under_new_names_and_the_bucket_st
     while _status(m)["upload"]["chunks_not_in_store"] or bucket.view(store).keys() != {"/s3.pt"}:
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    after = set(store.list("chunks/"))
-    assert before <= after  # nothing is deleted from the bucket
-    ids = [k.split("/")[-1].split(".")[0] for k in after]
+    after = set(store.list("packs/"))
+    assert before < after  # nothing is deleted from the bucket; the new frames went up in new packs
+    ids = [cid for cid, *_ in bucket.frames(store)]
     assert len(ids) > len(set(ids))  # re-encoded chunks: one id, two frames — a new name, never an overwrite
     assert bucket.files(store) == {"/s3.pt": last}
     m.umount()
@@ -209,10 +209,10 @@ def test_by_default_a_version_goes_up_after_its_compaction_and_once(mount_factor
     (state,) = train_series(1, torch.bfloat16, width=768)  # trained bf16: pcodec beats byte planes + zstd
     expected = {"/m.pt": _save(m.path("m.pt"), state)}
     m.wait_remote("m.pt", timeout=120)
-    keys = list(store.list("chunks/"))
-    ids = [k.split("/")[-1].split(".")[0] for k in keys]
+    frames = bucket.frames(store)
+    ids = [cid for cid, *_ in frames]
     assert len(ids) == len(set(ids))  # each chunk went up once
-    codecs = {int(parse_header(store.get(k)).codec) for k in keys}
+    codecs = {int(parse_header(store.get(k, off, n)).codec) for _, k, off, n in frames}
     assert codecs & {5, 6}, codecs  # pcodec frames: compacted before the upload
     assert bucket.files(store) == expected
     m.umount()
@@ -317,9 +317,10 @@ def test_corrupt_local_frame_heals_from_the_store_and_a_corrupt_remote_one_is_ei
     assert " 0 problems" in res.stdout, res.stdout  # the local copy was rewritten
 
     # now the store's copy is corrupt and a new node has no local one: EIO, never wrong bytes
-    obj = next(p for p in (store_dir / "chunks").rglob("*") if p.name.startswith(cid.hex()))
+    _, key, off, n = next(f for f in bucket.frames(LocalDirStore(store_dir)) if f[0] == cid.hex())
+    obj = store_dir / key
     raw = bytearray(obj.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
+    raw[off + n // 2] ^= 0x10
     obj.write_bytes(bytes(raw))
     shutil.rmtree(m.cache)
     n = mount_factory(store=f"file://{store_dir}", cache=tmp_path / "new-cache")
@@ -342,9 +343,9 @@ def test_uploads_go_through_a_store_that_answers_503_and_resets_connections(s3_s
         m = mount_factory(env=env, store=f"s3://{name}")
         proxy.plan = Plan(every=3, kind="mixed")  # a third of all requests: SlowDown or a reset
         expected = {}
-        for step in (10, 20):
+        for step in (10, 20, 30):
             expected[f"/s{step}.pt"] = _save(m.path(f"s{step}.pt"), make_state(width=384, steps=step))
-        m.cli("flush", "--wait", "--timeout", "180", str(m.mnt))
+            m.cli("flush", "--wait", "--timeout", "180", str(m.mnt))
         assert proxy.faults["503"] > 0 and proxy.faults["reset"] > 0
         proxy.plan = Plan()
         assert bucket.files(bucket.s3_store(s3_server, name)) == expected
