@@ -4,7 +4,8 @@
 A ~300 MB fp32 model + AdamW state (25M parameters) is trained on the CPU and saved every 10
 optimizer steps, N times. For each save:
 
-  (a) torch.save blocking time into the mount vs into a plain directory on the same disk;
+  (a) torch.save blocking time into the mount vs into a plain directory on the same disk, and vs a
+      second mount with tiering off (``upload.enabled = false``): what tiering itself adds;
   (b) close -> remote-durable (``user.ckptfs.state`` = remote; every other save with a ``ckptfs flush``
       right after close, which does not wait for compaction) vs a plain boto3 ``upload_file`` of the
       same bytes (multipart, 10 threads: boto3's defaults);
@@ -147,6 +148,7 @@ def main() -> int:
     plain = work / "plain"
     plain.mkdir()
     mnt = work / "mnt"
+    untiered = work / "mnt-untiered"
     results: dict = {"params_m": args.params_m, "steps_apart": args.steps_apart, "saves": []}
     steps = trainer(args.params_m)
     xfer = TransferConfig()  # boto3's defaults: multipart above 8 MB, 10 threads
@@ -154,6 +156,8 @@ def main() -> int:
         cache_a = work / "cache-a"
         mount(env, cache_a, mnt, store)
         (mnt / "run7").mkdir()
+        env_off = {**env, "CKPTFS_UPLOAD_ENABLED": "false"}
+        mount(env_off, work / "cache-untiered", untiered, f"file://{work / 'untiered-store'}")
         for i in range(args.saves):
             state = steps(args.steps_apart)
             name = f"step_{(i + 1) * args.steps_apart:06d}.pt"
@@ -175,6 +179,9 @@ def main() -> int:
                 t_remote = wait_remote(mnt / "run7" / name)
             requests = requests_sent(cache_a) - before
             wait_idle(work / "cache-a")  # steady state: the next save finds the daemon idle, as minutes later
+            os.sync()
+            t_untiered = timed_save(state, untiered / name)
+            wait_idle(work / "cache-untiered")
             if not i % 2:
                 os.sync()
                 t_plain = timed_save(state, plain / name)
@@ -188,6 +195,7 @@ def main() -> int:
                 "bytes": size,
                 "save_plain_s": t_plain,
                 "save_mount_s": t_mount,
+                "save_untiered_s": t_untiered,
                 "close_to_remote_s": t_remote,
                 "boto3_upload_s": t_boto,
                 "requests": requests,
@@ -195,13 +203,15 @@ def main() -> int:
             }
             results["saves"].append(row)
             print(
-                f"  {name}: save {t_plain:.2f} / {t_mount:.2f} s, remote ({'flush' if hurry else 'default'})"
+                f"  {name}: save {t_plain:.2f} / {t_mount:.2f} s (untiered mount {t_untiered:.2f} s),"
+                f" remote ({'flush' if hurry else 'default'})"
                 f" after {t_remote:.2f} s"
                 f" (boto3 upload {t_boto:.2f} s), {requests} requests",
                 flush=True,
             )
         cli(env, "flush", "--wait", str(mnt))
         umount(env, mnt)
+        umount(env, untiered)
         newest = results["saves"][-1]["file"]
         results["bucket_bytes_ckptfs"] = bucket_bytes(client, "ckpt")
         results["bucket_bytes_plain"] = bucket_bytes(client, "plain")
@@ -261,8 +271,9 @@ def main() -> int:
             )
         results["warmup"] = warm
     finally:
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        for m in (mnt, untiered):
+            if os.path.ismount(m):
+                subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
         server.stop()
 
     saves = results["saves"][1:] or results["saves"]  # the first save has no base: a keyframe
@@ -270,6 +281,8 @@ def main() -> int:
         "a_save_ratio": mmm([s["save_mount_s"] / s["save_plain_s"] for s in saves]),
         "a_save_plain_s": mmm([s["save_plain_s"] for s in saves]),
         "a_save_mount_s": mmm([s["save_mount_s"] for s in saves]),
+        "a_save_untiered_s": mmm([s["save_untiered_s"] for s in saves]),
+        "a_tiering_ratio": mmm([s["save_mount_s"] / s["save_untiered_s"] for s in saves]),
         "b_remote_ratio": mmm([s["close_to_remote_s"] / s["boto3_upload_s"] for s in saves if not s["flush"]]),
         "b_close_to_remote_s": mmm([s["close_to_remote_s"] for s in saves if not s["flush"]]),
         "b_boto3_upload_s": mmm([s["boto3_upload_s"] for s in saves if not s["flush"]]),
@@ -297,6 +310,10 @@ def main() -> int:
     print(
         f"| (a) torch.save blocking (s) | {fmt(summary['a_save_mount_s'])} | {fmt(summary['a_save_plain_s'])}"
         f" | {fmt(summary['a_save_ratio'], 2)} |"
+    )
+    print(
+        f"| (a) torch.save blocking, tiered vs untiered mount (s) | {fmt(summary['a_save_mount_s'])}"
+        f" | {fmt(summary['a_save_untiered_s'])} | {fmt(summary['a_tiering_ratio'], 2)} |"
     )
     print(
         f"| (b) close → remote-durable, default (waits for compaction) vs boto3 upload_file (s) |"
