@@ -105,7 +105,8 @@ def wait_idle(cache: Path, timeout: float = 900) -> None:
     t0 = time.perf_counter()
     while True:
         st = control.request(str(cache), {"op": "status"})
-        if not st["ingest_pending"] and not st["compaction_pending"] and not st["upload"]["queued_versions"]:
+        queued = st["upload"]["queued_versions"] if st["upload"] else 0  # None: tiering is off
+        if not st["ingest_pending"] and not st["compaction_pending"] and not queued:
             return
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"daemon not idle after {timeout} s: {st}")
