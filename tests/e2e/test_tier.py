@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ckptfs.backend import LocalDirStore
+from ckptfs.cache.store import SMALL_FRAME
 from tests import bucket
 from tests.helpers import make_state
 
@@ -390,7 +391,8 @@ def test_nothing_that_is_only_local_is_evicted(mount_factory):
     m.wait_local(*expected)
     time.sleep(3)  # several eviction passes over the cap
     st = _status(m)["cache"]
-    assert st["evicted_chunks"] == 0 and st["file_bytes"] >= 24_000_000
+    # (a piece of up to SMALL_FRAME bytes at a file's end may be a row of meta.db, not a file)
+    assert st["evicted_chunks"] == 0 and st["file_bytes"] >= 24_000_000 - 3 * SMALL_FRAME
     m.umount()
     m.start()
     for name, data in expected.items():
