@@ -158,7 +158,8 @@ def main() -> int:
         mount(env, cache_a, mnt, store)
         (mnt / "run7").mkdir()
         env_off = {**env, "CKPTFS_UPLOAD_ENABLED": "false"}
-        mount(env_off, work / "cache-untiered", untiered, f"file://{work / 'untiered-store'}")
+        cache_u = work / "cache-untiered"
+        mount(env_off, cache_u, untiered, f"file://{work / 'untiered-store'}")
         for i in range(args.saves):
             state = steps(args.steps_apart)
             name = f"step_{(i + 1) * args.steps_apart:06d}.pt"
@@ -173,16 +174,16 @@ def main() -> int:
             t_mount = timed_save(state, mnt / "run7" / name)
             if hurry:
                 t0 = time.perf_counter()
-                reply = control.request(str(work / "cache-a"), {"op": "flush", "path": f"run7/{name}", "timeout": 900})
+                reply = control.request(str(cache_a), {"op": "flush", "path": f"run7/{name}", "timeout": 900})
                 assert reply["ok"], reply
                 t_remote = time.perf_counter() - t0
             else:
                 t_remote = wait_remote(mnt / "run7" / name)
             requests = requests_sent(cache_a) - before
-            wait_idle(work / "cache-a")  # steady state: the next save finds the daemon idle, as minutes later
+            wait_idle(cache_a)  # steady state: the next save finds the daemon idle, as minutes later
             os.sync()
             t_untiered = timed_save(state, untiered / name)
-            wait_idle(work / "cache-untiered")
+            wait_idle(cache_u)
             if not i % 2:
                 os.sync()
                 t_plain = timed_save(state, plain / name)
