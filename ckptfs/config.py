@@ -89,6 +89,7 @@ class NodeConfig:
 
     id: str = ""  # default: the host name (CKPTFS_NODE_ID)
     refresh_s: float = 2.0  # how often other nodes' journal segments are looked for (0 = never)
+    gc_view_s: float = 600.0  # the oldest view of the store's gc records a journal segment is put with
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +290,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config: s3.endpoint must be an http:// or https:// URL, got {s3.endpoint!r}")
     if not 0 <= cfg.node.refresh_s <= 3600:
         raise UserError(f"config: node.refresh_s must be within 0..3600, got {cfg.node.refresh_s}")
+    if not 0 < cfg.node.gc_view_s <= 86400:
+        raise UserError(f"config: node.gc_view_s must be within 0..86400 seconds (not 0), got {cfg.node.gc_view_s}")
     node_id = cfg.node.id or socket.gethostname()
     if not node_id or not all(ch.isalnum() or ch in "-_." for ch in node_id) or len(node_id) > 64:
         raise UserError(f"config: node.id must be 1..64 letters, digits, '-', '_' or '.', got {node_id!r}")

@@ -50,6 +50,7 @@ from ckptfs.meta import Database, Versions
 from ckptfs.meta.tiering import Tiering
 from ckptfs.namespace import Tree
 from ckptfs.tier import Uploader, prepare_store
+from ckptfs.tier.gcview import GcView
 from ckptfs.tier.recover import rebuild
 from ckptfs.tier.refresh import Refresher
 from ckptfs.types import InodeId, VersionId
@@ -297,6 +298,7 @@ class _Components:
                 interval=cfg.upload.interval_s,
                 healthy=healthy,
                 compact_wait=cfg.upload.compact_wait_s if cfg.ingest.pco_level else 0.0,
+                gc_view=GcView(self.store, cfg.node.gc_view_s),
             )
 
     def _sealed(self, inode: InodeId, vid: VersionId) -> None:

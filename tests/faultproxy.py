@@ -25,11 +25,13 @@ _SLOWDOWN_BODY = (
 
 @dataclass
 class Plan:
-    """Fault every ``every``-th request (0: none) with ``kind``; ``first`` faults the next N requests."""
+    """Fault every ``every``-th request (0: none) with ``kind``; ``first`` faults the next N requests;
+    ``only``: only requests whose request line holds these bytes count (e.g. ``b"/journal/"``)."""
 
     every: int = 0
     kind: str = "503"  # "503" | "reset" | "mixed" (alternating)
     first: int = 0
+    only: bytes = b""
 
 
 class FaultProxy:
@@ -62,8 +64,10 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _decide(self) -> str | None:
+    def _decide(self, req: bytes) -> str | None:
         with self._lock:
+            if self.plan.only and self.plan.only not in req.split(b"\r\n", 1)[0]:
+                return None
             self.requests += 1
             n = self.requests
             plan = self.plan
@@ -86,7 +90,7 @@ class FaultProxy:
                 req, buf = _read_message(client, buf, request=True)
                 if req is None:
                     return
-                fault = self._decide()
+                fault = self._decide(req)
                 if fault == "503":
                     client.sendall(_SLOWDOWN % len(_SLOWDOWN_BODY) + _SLOWDOWN_BODY)
                     continue

@@ -7,6 +7,7 @@ Implementations translate their library's errors into ``ObjectNotFound`` /
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -15,6 +16,15 @@ def checked_key(key: str) -> str:
     if not key or key.startswith("/") or ".." in key.split("/"):
         raise ValueError(f"bad object key {key!r}")
     return key
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """A listed object: its key, size and when it was last put (the store's clock, ns since the epoch)."""
+
+    key: str
+    size: int
+    mtime_ns: int
 
 
 class ObjectStore(Protocol):
@@ -29,6 +39,9 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]:
         """Yield the keys starting with ``prefix``, in lexical order."""
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Like ``list``, with each object's size and last-put time (remote garbage collection)."""
 
     def delete(self, key: str) -> None:
         """Remove ``key``; no error when it does not exist."""

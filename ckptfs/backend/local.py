@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ckptfs.backend.base import checked_key
+from ckptfs.backend.base import ObjectInfo, checked_key
 from ckptfs.errors import ObjectNotFound, PermanentBackendError
 
 
@@ -59,6 +59,14 @@ class LocalDirStore:
                 if key.startswith(prefix):
                     keys.append(key)
         yield from sorted(keys)
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            try:
+                st = (self.root / key).stat()
+            except FileNotFoundError:
+                continue  # deleted since it was listed
+            yield ObjectInfo(key, st.st_size, st.st_mtime_ns)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -28,7 +28,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from ckptfs.backend.base import checked_key
+from ckptfs.backend.base import ObjectInfo, checked_key
 from ckptfs.errors import ObjectNotFound, PermanentBackendError, TransientBackendError
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,10 @@ class S3Store:
         return int(resp["ContentLength"])
 
     def list(self, prefix: str) -> Iterator[str]:
+        for info in self.list_info(prefix):
+            yield info.key
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         full = self._prefix + prefix
         token: str | None = None
         while True:
@@ -231,7 +235,8 @@ class S3Store:
                 kwargs["ContinuationToken"] = token
             resp = self._call("list", prefix, lambda kw=kwargs: self._client.list_objects_v2(**kw))  # type: ignore[misc]
             for obj in resp.get("Contents", []):
-                yield str(obj["Key"])[len(self._prefix) :]
+                mtime = int(obj["LastModified"].timestamp() * 1e9)
+                yield ObjectInfo(str(obj["Key"])[len(self._prefix) :], int(obj["Size"]), mtime)
             if not resp.get("IsTruncated"):
                 return
             token = resp.get("NextContinuationToken")

@@ -362,6 +362,65 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``6h`` or ``2d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 6h)") from None
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """One cycle of remote garbage collection (tier.gc): mark, sweep what was marked a grace ago, revive."""
+    from ckptfs.backend import open_store
+    from ckptfs.errors import BackendError
+    from ckptfs.tier import prepare_store
+    from ckptfs.tier.gc import collect
+
+    cfg = _config(args)
+    if args.grace < 2 * cfg.node.gc_view_s:
+        raise UserError(
+            f"gc: --grace {args.grace:.0f} s is less than twice node.gc_view_s ({cfg.node.gc_view_s:.0f} s): a"
+            " writer could still name what this would delete"
+        )
+    store = open_store(cfg.store.url, cfg.s3, cfg.upload.concurrency)
+    bar = _Bar("reading the journal")
+    try:
+        store.check()
+        prepare_store(store)
+        report = collect(store, args.grace, dry_run=args.dry_run, progress=lambda d, t: bar(d, t, " segments"))
+    except BackendError as exc:
+        raise UserError(f"gc: the store failed: {exc}") from None
+    finally:
+        bar.end()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+        return 0
+    what = "would sweep" if args.dry_run else "swept"
+    print(
+        f"gc: {plural(report.packs, 'pack')} ({_human(report.pack_bytes)}),"
+        f" {plural(report.segments, 'journal segment')}: {report.live_packs} live"
+        f" ({report.partly_dead_packs} partly dead, {_human(report.dead_bytes_in_live_packs)} not named),"
+        f" {report.young_packs} too young to judge"
+    )
+    print(
+        f"gc: {what} {plural(report.swept, 'pack')} ({_human(report.swept_bytes)}); marked {report.marked}"
+        f" ({_human(report.marked_bytes)}, {report.marked_now} new); revived {report.revived}"
+    )
+    if report.snapshot is not None:
+        print(
+            f"gc: journal snapshot {report.snapshot} written; {plural(report.segments_deleted, 'segment')} it or an"
+            " earlier one covers deleted"
+        )
+    if report.next_sweep_ns is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.next_sweep_ns / 1e9))
+        print(f"gc: the marked ones may be swept by a gc run after {when}")
+    return 0
+
+
 def cmd_warmup(args: argparse.Namespace) -> int:
     """Ask each mount's daemon to fetch the files' frames from the store into its cache."""
     by_cache: dict[str, list[str]] = {}
@@ -447,6 +506,16 @@ def _parser() -> argparse.ArgumentParser:
     common(rc)
     rc.add_argument("--store", help="object store URL (default: store.url of the config)")
     rc.set_defaults(func=cmd_recover)
+
+    g = sub.add_parser("gc", help="delete packs no file needs any more from the store (mark, then sweep later)")
+    common(g)
+    g.add_argument("--store", help="object store URL (default: store.url of the config)")
+    g.add_argument(
+        "--grace", type=_duration, default=6 * 3600.0, help="how long a pack stays marked before a sweep (default 6h)"
+    )
+    g.add_argument("--dry-run", action="store_true", help="report what would be marked and swept; change nothing")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.set_defaults(func=cmd_gc)
 
     w = sub.add_parser("warmup", help="fetch files (their chunks) from the store into the local cache")
     w.add_argument("--jobs", "-j", type=int, default=8, help="objects fetched at once (default 8)")

@@ -224,6 +224,34 @@ class Tiering:
             r[8],
         )
 
+    def rows_in_objects(self, keys: Iterable[str]) -> list[ChunkRow]:
+        """Every chunk whose current frame is in one of the objects ``keys`` (a gc marked or swept them)."""
+        wanted = list(keys)
+        out: list[ChunkRow] = []
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            rows = self.db.execute(
+                "SELECT id, codec, stored, raw_len, base, depth, remote, remote_off, remote_len FROM chunks"
+                f" WHERE remote IN ({','.join('?' * len(part))})",
+                tuple(part),
+            ).fetchall()
+            out += [self._row(r) for r in rows]
+        return out
+
+    def forget_remote(self, rows: Iterable[ChunkRow]) -> int:
+        """The store's copy of these frames may be deleted (a gc marked its object): the rows say the
+        frame is not in the store, so it goes up again under a new name. Only rows still pointing where
+        they did. Returns how many changed."""
+        n = 0
+        with self.db.transaction() as c:
+            for r in rows:
+                cur = c.execute(
+                    "UPDATE chunks SET remote=NULL, remote_off=NULL, remote_len=NULL WHERE id=? AND remote=?",
+                    (r.id, r.remote),
+                )
+                n += cur.rowcount
+        return n
+
     def keep_small_frame(self, cid: ChunkId, frame: bytes, replace: bool) -> None:
         """Keep a small frame fetched from the store as the chunk's local copy — only while the row still
         says that frame is the current one (a swap clears ``remote``), and (unless ``replace``, for a
@@ -354,6 +382,19 @@ class Tiering:
     def mark_seen(self, keys: Iterable[str]) -> None:
         with self.db.transaction() as c:
             c.executemany("INSERT OR IGNORE INTO seen_segments (key) VALUES (?)", [(k,) for k in keys])
+
+    def forget_seen(self, keys: Iterable[str]) -> None:
+        """Segments no longer in the store (a gc compacted them into a snapshot): their rows go."""
+        with self.db.transaction() as c:
+            c.executemany("DELETE FROM seen_segments WHERE key=?", [(k,) for k in keys])
+
+    def snapshot_applied(self) -> str | None:
+        """The newest journal snapshot this node has looked at."""
+        return self.db.get_meta("snapshot_applied")
+
+    def set_snapshot_applied(self, key: str) -> None:
+        with self.db.transaction():
+            self.db.set_meta("snapshot_applied", key)
 
     def applied(self, path: bytes, rank: Rank, digest: bytes | None, inode: int | None = None) -> None:
         """Another writer's event for ``path`` now shows here: its rank, and (so this node does not

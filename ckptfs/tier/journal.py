@@ -66,11 +66,14 @@ def tombstone(path: bytes) -> dict[str, Any]:
     return {"path": path_text(path), "kind": "gone"}
 
 
-def winners(segments: Iterable[dict[str, Any]]) -> dict[str, tuple[Rank, dict[str, Any]]]:
+def winners(
+    segments: Iterable[dict[str, Any]], base: dict[str, tuple[Rank, dict[str, Any]]] | None = None
+) -> dict[str, tuple[Rank, dict[str, Any]]]:
     """For each path, the event with the greatest (segment time, writer id, segment id, position in the
     segment) and its rank, ``gone`` included — from decoded segments in any order (the random segment id
-    breaks the tie of two segments a writer stamped with one time, after its clock went back)."""
-    best: dict[str, tuple[Rank, dict[str, Any]]] = {}
+    breaks the tie of two segments a writer stamped with one time, after its clock went back), and from
+    ``base`` (a snapshot's winners; merging a segment it covers again changes nothing)."""
+    best: dict[str, tuple[Rank, dict[str, Any]]] = dict(base or {})
     for seg in segments:
         ts, writer, sid = int(seg["ts"]), str(seg["writer"]), str(seg.get("id", ""))
         for i, ev in enumerate(seg["events"]):

@@ -21,7 +21,7 @@ from ckptfs.errors import ObjectNotFound, UserError
 from ckptfs.meta import Database
 from ckptfs.meta.tiering import ChunkRow, ImportEntry, Rank, Tiering
 from ckptfs.tier import journal
-from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment, path_bytes
+from ckptfs.tier.layout import JOURNAL_PREFIX, SNAPSHOT_PREFIX, Snapshot, decode_segment, decode_snapshot, path_bytes
 from ckptfs.types import ChunkId
 
 log = logging.getLogger(__name__)
@@ -37,29 +37,69 @@ class Recovered:
     bytes: int
 
 
-def load_view(
-    store: ObjectStore, threads: int = 16, progress: Progress | None = None
-) -> tuple[list[str], dict[str, tuple[Rank, dict[str, Any]]]]:
-    """(segment keys read, the winning event of each path with its rank) of the store's journal. A
+def newest_snapshot(store: ObjectStore, strict: bool = False) -> tuple[str, Snapshot] | None:
+    """(key, snapshot) of the newest journal snapshot, or None. One
+    that cannot be read is skipped with a warning for the one before it — which, with the segments
+    still listed, is complete too (a gc deletes only the segments the snapshot before the newest
+    covers) — unless ``strict``: then ``UserError``. Raises ``BackendError``."""
+    keys = sorted(store.list(SNAPSHOT_PREFIX))
+    for key in reversed(keys):
+        try:
+            return key, decode_snapshot(store.get(key))
+        except ObjectNotFound:
+            continue  # superseded and deleted since the listing
+        except ValueError as exc:
+            if strict:
+                raise UserError(f"journal snapshot {key} is unreadable ({exc})") from None
+            log.warning("journal snapshot %s is unreadable (%s); using the one before it", key, exc)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalView:
+    """The store's journal as read at one moment."""
+
+    listed: list[str]  # segment keys listed (each merged: fetched, or covered by the snapshot)
+    winners: dict[str, tuple[Rank, dict[str, Any]]]  # per path the winning event and its rank, gone ones too
+    snapshot: tuple[str, Snapshot] | None  # the newest readable snapshot merged in, and its key
+
+
+def read_journal(
+    store: ObjectStore, threads: int = 16, progress: Progress | None = None, strict: bool = False
+) -> JournalView:
+    """The newest snapshot and every listed segment it does not cover, merged (segments listed first,
+    snapshots second: a segment a gc deletes after this listing is in a snapshot put long before). A
     segment that cannot be decoded is skipped with a warning (an interrupted writer cannot leave one:
-    puts are atomic), one that vanished between list and get too. Raises ``BackendError``."""
-    got = fetch_segments(store, list(store.list(JOURNAL_PREFIX)), threads, progress)
-    return [key for key, _ in got], journal.winners(seg for _, seg in got)
+    puts are atomic), one that vanished between list and get too — unless ``strict`` (``UserError``).
+    Raises ``BackendError``."""
+    keys = list(store.list(JOURNAL_PREFIX))
+    found = newest_snapshot(store, strict)
+    snap = None if found is None else found[1]
+    covered = snap.covers if snap is not None else frozenset()
+    got = fetch_segments(store, [k for k in keys if k not in covered], threads, progress, strict)
+    merged = journal.winners((seg for _, seg in got), base=None if snap is None else snap.winners)
+    fetched = {key for key, _ in got}
+    return JournalView([k for k in keys if k in fetched or k in covered], merged, found)
 
 
 def fetch_segments(
-    store: ObjectStore, keys: list[str], threads: int = 16, progress: Progress | None = None
+    store: ObjectStore, keys: list[str], threads: int = 16, progress: Progress | None = None, strict: bool = False
 ) -> list[tuple[str, dict[str, Any]]]:
     """(key, decoded segment) of each of ``keys``, fetched ``threads`` at once. A segment that cannot be
     decoded is skipped with a warning (an interrupted writer cannot leave one: puts are atomic), one
-    that vanished between list and get too. Raises ``BackendError``."""
+    that vanished between list and get too — unless ``strict`` (garbage collection: a segment it did not
+    read could name what it would delete), which raises ``UserError`` instead. Raises ``BackendError``."""
 
     def one(key: str) -> dict[str, Any] | None:
         try:
             return decode_segment(store.get(key))
         except ObjectNotFound:
+            if strict:
+                raise UserError(f"journal segment {key} vanished while the journal was read") from None
             return None
         except ValueError as exc:
+            if strict:
+                raise UserError(f"journal segment {key} is unreadable ({exc})") from None
             log.warning("journal segment %s is unreadable (%s); skipped", key, exc)
             return None
 
@@ -131,9 +171,10 @@ def rebuild(db: Database, store: ObjectStore, progress: Progress | None = None) 
     tiering = Tiering(db)
     if not tiering.is_empty():
         raise UserError("recover: the cache already holds a namespace; recover into an empty cache directory")
-    keys, ranked = load_view(store, progress=progress)
-    if not keys:
+    view = read_journal(store, progress=progress)
+    if not view.listed and view.snapshot is None:
         return None
+    ranked = view.winners
     rows = entries({p: ev for p, (_, ev) in ranked.items() if ev["kind"] != "gone"})
     tiering.import_entries(rows)
     # What this new incarnation has "published" is what it recovered: only later changes go in its journal;
@@ -145,9 +186,11 @@ def rebuild(db: Database, store: ObjectStore, progress: Progress | None = None) 
         {path_bytes(p): rank for p, (rank, _) in ranked.items()},
         {e.path: e.inode for e in now},
     )
-    tiering.mark_seen(keys)
+    tiering.mark_seen(view.listed)
+    if view.snapshot is not None:
+        tiering.set_snapshot_applied(view.snapshot[0])
     return Recovered(
-        segments=len(keys),
+        segments=len(view.listed) + (view.snapshot is not None),
         files=sum(1 for e in rows if e.extents is not None),
         dirs=sum(1 for e in rows if e.is_dir),
         others=sum(1 for e in rows if e.extents is None and not e.is_dir),

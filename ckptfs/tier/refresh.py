@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +27,12 @@ from ckptfs.meta.tiering import Tiering
 from ckptfs.namespace import Tree
 from ckptfs.tier import journal
 from ckptfs.tier.layout import JOURNAL_PREFIX, path_bytes, path_text
-from ckptfs.tier.recover import entries, fetch_segments
+from ckptfs.tier.recover import entries, fetch_segments, newest_snapshot
 from ckptfs.types import InodeId
 
 log = logging.getLogger(__name__)
+
+_SNAPSHOT_CHECK_S = 60.0  # how often a pass also looks for a new journal snapshot
 
 
 class Refresher:
@@ -53,6 +56,7 @@ class Refresher:
         self.healthy = healthy
         self.applied = 0
         self.last_error: str | None = None
+        self._next_snapshot_check = 0.0  # the first pass looks at once
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -74,11 +78,30 @@ class Refresher:
         keys = await trio.to_thread.run_sync(lambda: list(self.store.list(JOURNAL_PREFIX)))
         seen = self.tiering.seen_segments()
         new = [k for k in keys if not k.startswith(own) and k not in seen]
-        if not new:
+        base, snap_key, covers = None, None, frozenset[str]()
+        if time.monotonic() >= self._next_snapshot_check:
+            # Segments a gc compacted are deleted a grace period after a snapshot covers them: a node
+            # that was down (or could not refresh) that long finds them only there. Listed after the
+            # segments (see ``recover.read_journal``).
+            self._next_snapshot_check = time.monotonic() + _SNAPSHOT_CHECK_S
+            listed = set(keys)
+            gone = [k for k in seen if k not in listed]
+            if gone:
+                self.tiering.forget_seen(gone)
+            found = await trio.to_thread.run_sync(newest_snapshot, self.store)
+            if found is not None and found[0] != self.tiering.snapshot_applied():
+                snap_key, snap = found
+                covers = snap.covers
+                if any(k not in seen and not k.startswith(own) for k in covers):
+                    base = snap.winners
+                    new = [k for k in new if k not in covers]
+        if not new and base is None:
+            if snap_key is not None:
+                self.tiering.set_snapshot_applied(snap_key)
             return 0
         got = await trio.to_thread.run_sync(fetch_segments, self.store, new)
         segments = [seg for _, seg in got]
-        best = journal.winners(segments)
+        best = journal.winners(segments, base)
         changed = 0
         published = self.tiering.published()
         current = {e.path: e for e in self.tiering.namespace()}
@@ -99,6 +122,10 @@ class Refresher:
                 self.tiering.applied(path, rank, None if now is None else journal.digest(now), ino)
                 changed += 1
         self.tiering.mark_seen(new)
+        if snap_key is not None:
+            listed = set(keys)
+            self.tiering.mark_seen(k for k in covers if k in listed)
+            self.tiering.set_snapshot_applied(snap_key)
         self.applied += changed
         if changed:
             log.info("refresh: %d paths changed by other nodes", changed)

@@ -26,6 +26,7 @@ from ckptfs.cache import ChunkCache
 from ckptfs.cache.store import SMALL_FRAME
 from ckptfs.errors import (
     BackendError,
+    CacheFull,
     ChunkMissing,
     NotInStore,
     ObjectNotFound,
@@ -35,6 +36,7 @@ from ckptfs.errors import (
 from ckptfs.meta import Database
 from ckptfs.meta.tiering import ChunkRow, Tiering
 from ckptfs.tier import journal
+from ckptfs.tier.gcview import GcView
 from ckptfs.tier.layout import (
     MARKER_KEY,
     build_pack,
@@ -109,7 +111,9 @@ class Uploader:
         interval: float = 0.5,
         healthy: Callable[[], bool] = lambda: True,
         compact_wait: float = 0.0,
+        gc_view: GcView | None = None,
     ) -> None:
+        self.gc = gc_view  # the store's gc records as this writer last read them (None: no gc runs on it)
         self.compact_wait = compact_wait  # a version waits this long for its chunks' compaction
         self.healthy = healthy  # failsafe mode stops uploads: they write metadata
         self.db = db
@@ -174,6 +178,7 @@ class Uploader:
         Raises ``BackendError``."""
         async with self._round:
             self.stats.rounds += 1
+            await self._gc_check()
             waited = None if hurry or not self.compact_wait else time.time_ns() - int(self.compact_wait * 1e9)
             vids = self.tiering.pending(_BATCH, waited)
             if vids:
@@ -187,6 +192,61 @@ class Uploader:
             self._finished += 1
             self._round_done.set()
             self._round_done = trio.Event()
+
+    # -- remote garbage collection: the writer's half ------------------------------------------------------
+
+    async def _gc_check(self) -> None:
+        """Keep the view of the gc records young enough to publish (``tier.gcview``; raises ``BackendError``
+        when it cannot be read), and stop naming every object it shows as marked or swept."""
+        if self.gc is None or not self.gc.stale():
+            return
+        await trio.to_thread.run_sync(self.gc.refresh, limiter=self._limit)
+        if self.gc.dead:
+            await self._forget_dead(self.tiering.rows_in_objects(self.gc.dead))
+
+    async def _forget_dead(self, rows: list[ChunkRow]) -> None:
+        """Frames whose store copy a gc marked: fetch back into the cache (durably) what only that copy
+        holds, then drop the rows' locations, so they go up again under new names before any segment
+        names them. A frame that cannot be fetched back is logged by name and keeps its row as it is."""
+        assert self.gc is not None
+        dead = self.gc.dead
+        todo = [r for r in rows if r.remote in dead]
+        if not todo:
+            return
+        ok: list[ChunkRow] = []
+
+        async def one(r: ChunkRow) -> None:
+            if not self.cache.holds(r.id):
+                try:
+                    frame = await trio.to_thread.run_sync(self._fetch_back, r, limiter=self._limit)
+                except (ChunkMissing, CacheFull, OSError) as exc:
+                    log.error(
+                        "gc: chunk %s is only in %s, which a gc marked, and cannot be fetched back: %s",
+                        r.id.hex(),
+                        r.remote,
+                        exc,
+                    )
+                    return
+                if self.cache.is_small(frame):
+                    self.tiering.keep_small_frame(r.id, frame, replace=False)
+            ok.append(r)
+
+        async with trio.open_nursery() as nursery:
+            for r in todo:
+                nursery.start_soon(one, r)
+        n = self.tiering.forget_remote(ok)
+        if n:
+            log.info("gc: %d frames in objects a gc marked go up again under new names", n)
+
+    def _fetch_back(self, row: ChunkRow) -> bytes:
+        """Blocking: the row's frame from the store, kept in the cache and synced (small ones are the
+        caller's to keep: rows of meta.db). Raises ``ChunkMissing``, ``CacheFull``."""
+        frame = self.cache.remote_frame(row.id)
+        if frame is None:
+            raise ChunkMissing(f"chunk {row.id.hex()} has no copy in the store any more")
+        if not self.cache.is_small(frame):
+            self.cache.put(row.id, frame, replace=False, sync=True)
+        return frame
 
     # -- frames and packs ---------------------------------------------------------------------------------
 
@@ -270,6 +330,9 @@ class Uploader:
     # -- the namespace journal ----------------------------------------------------------------------------
 
     async def _publish(self, queued: list[VersionId]) -> None:
+        await self._gc_check()  # the round may have taken long: the view must be young when the segment goes
+        dead = self.gc.dead if self.gc is not None else frozenset()
+        revive: list[ChunkRow] = []
         entries = self.tiering.namespace()
         old = self.tiering.published()
         events: list[dict[str, Any]] = []
@@ -292,6 +355,10 @@ class Uploader:
                 if any(r.remote is None for r in rows):
                     waiting.add(e.inode)
                     continue  # not all up yet (a later round)
+                if dead and any(r.remote in dead for r in rows):
+                    revive += rows
+                    waiting.add(e.inode)
+                    continue  # names an object a gc marked: its frames go up again first (a later round)
                 extents = self.tiering.extents(e.version)
                 if e.state == VersionState.LOCAL.value:
                     remote.append(e.version)
@@ -303,6 +370,8 @@ class Uploader:
                     continue  # renamed, and the new path cannot be published yet: the old one stays till then
                 events.append(journal.tombstone(path))
                 changes[path] = None
+        if revive:
+            await self._forget_dead(revive)
         if events:
             ts = max(time.time_ns(), self._last_ts + 1)
             self._last_ts = ts

@@ -142,3 +142,17 @@ def test_concurrent_puts_and_gets(store):
         t.join()
     assert not errors
     assert {k: store.get(k) for k in blobs} == blobs
+
+
+def test_list_info_gives_sizes_and_put_times(store):
+    import time
+
+    before = time.time_ns()
+    store.put("gcl/a", b"12345")
+    store.put("gcl/b", b"")
+    infos = {i.key: i for i in store.list_info("gcl/")}
+    assert set(infos) == {"gcl/a", "gcl/b"}
+    assert (infos["gcl/a"].size, infos["gcl/b"].size) == (5, 0)
+    for info in infos.values():  # the store's clock: loopback or this host, so within a few seconds
+        assert abs(info.mtime_ns - before) < 5e9
+    assert list(store.list_info("absent/")) == []
