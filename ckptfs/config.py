@@ -115,6 +115,7 @@ class MountConfig:
     allow_other: bool = True  # only honoured when running as root
     drain_seconds: float = 120.0  # on unmount, wait this long for staged versions to be ingested
     fuse_device: str = "/dev/fuse"
+    read_ahead_kb: int = 4096  # the kernel's read-ahead for the mount (root only; 0 = the kernel's 128)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +267,8 @@ def validate(cfg: Config) -> Config:
         raise UserError("config: cache.reserve_mb must be >= 0 and cache.decoded_cache_mb >= 8")
     if "," in cfg.cache.dir:
         raise UserError(f"config: cache.dir must not contain a comma: {cfg.cache.dir}")
+    if not 0 <= cfg.mount.read_ahead_kb <= 1024 * 1024:
+        raise UserError(f"config: mount.read_ahead_kb must be within 0..1048576, got {cfg.mount.read_ahead_kb}")
     if cfg.mount.drain_seconds < 0:
         raise UserError("config: mount.drain_seconds must be >= 0")
     s3 = cfg.s3

@@ -45,6 +45,7 @@ from ckptfs.files import (
 from ckptfs.files.ingest import IngestSettings
 from ckptfs.fsutil import fsync_dir
 from ckptfs.fuse import Operations
+from ckptfs.fuse.readahead import set_read_ahead
 from ckptfs.health import Health, guarded
 from ckptfs.meta import Database, Versions
 from ckptfs.meta.tiering import Tiering
@@ -410,6 +411,8 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
             "fetched_bytes": c.cache.remote.fetched_bytes if c.cache.remote else 0,
             "decoded_ahead": c.reader.prefetched,
             "fetched_ahead": c.reader.frames_prefetched,
+            "read_requests": c.reader.requests,
+            "read_bytes": c.reader.request_bytes,
         },
         "ingest_pending": c.ingester.pending,
         "refresh": None
@@ -417,6 +420,13 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
         else {"paths_changed": c.refresher.applied, "last_error": c.refresher.last_error},
         "compaction_pending": int(c.db.one("SELECT count(*) FROM compact_queue")[0]),  # type: ignore[index]
     }
+
+
+async def _read_ahead(mountpoint: str, kib: int) -> None:
+    """Raise the mount's read-ahead once the kernel's INIT handshake is done (it would cap it again)."""
+    problem = await trio.to_thread.run_sync(set_read_ahead, mountpoint, kib)
+    if problem:
+        log.info("mount.read_ahead_kb = %d not applied (reads go in 128 KiB requests): %s", kib, problem)
 
 
 def plural(n: int, word: str) -> str:
@@ -479,6 +489,8 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
                 if not act.durable:
                     c.marker.schedule(act)
             nursery.start_soon(_watch_signals)
+            if cfg.mount.read_ahead_kb:
+                nursery.start_soon(_read_ahead, mountpoint, cfg.mount.read_ahead_kb)
             log.info("mounted %s (cache %s, store %s)", mountpoint, cfg.cache.dir, cfg.store.url)
             ready(None)
             _sd_notify("READY=1")

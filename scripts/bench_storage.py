@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
+from benchlib import cpu_seconds
 
 SERIES = ("finetune-fp32", "pretrain-bf16", "frozen-adapters", "latest-overwrite", "hf-rotation")
 
@@ -189,10 +190,6 @@ def write_series(
     return logical, ingesting, cpu, list(kept.items())
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_settled(db_path: Path, timeout: float = 600) -> None:

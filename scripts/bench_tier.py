@@ -31,7 +31,6 @@ import io
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,41 +42,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import cli, fmt, mmm, mount, trainer, umount, wait_idle  # noqa: E402
+
 from ckptfs import control  # noqa: E402
 from tests.s3server import running_server  # noqa: E402
-
-
-def cli(env: dict[str, str], *args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "ckptfs", *args], capture_output=True, text=True, env=env, timeout=1800)
-    if res.returncode:
-        raise RuntimeError(f"ckptfs {' '.join(args)}: {res.stdout}{res.stderr}")
-    return res.stdout
-
-
-def mount(env: dict[str, str], cache: Path, mnt: Path, store: str) -> None:
-    mnt.mkdir(parents=True, exist_ok=True)
-    cli(env, "mount", "--cache", str(cache), "--store", store, str(mnt))
-
-
-def umount(env: dict[str, str], mnt: Path) -> None:
-    cli(env, "umount", str(mnt))
-
-
-def trainer(params_m: float):
-    torch.manual_seed(0)
-    width = 2048
-    layers = max(1, round(params_m * 1e6 / (width * width + width)))
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def steps(n: int) -> dict:
-        for _ in range(n):
-            model(torch.randn(8, width)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
-
-    return steps
 
 
 def timed_save(state: dict, path: Path) -> float:
@@ -100,17 +68,6 @@ def requests_sent(cache: Path) -> int:
     return int(control.request(str(cache), {"op": "status"})["upload"]["requests"])
 
 
-def wait_idle(cache: Path, timeout: float = 900) -> None:
-    """Until the daemon has nothing to ingest, compact or upload."""
-    t0 = time.perf_counter()
-    while True:
-        st = control.request(str(cache), {"op": "status"})
-        queued = st["upload"]["queued_versions"] if st["upload"] else 0  # None: tiering is off
-        if not st["ingest_pending"] and not st["compaction_pending"] and not queued:
-            return
-        if time.perf_counter() - t0 > timeout:
-            raise TimeoutError(f"daemon not idle after {timeout} s: {st}")
-        time.sleep(0.2)
 
 
 def bucket_bytes(client, bucket: str) -> int:
@@ -120,12 +77,8 @@ def bucket_bytes(client, bucket: str) -> int:
     return total
 
 
-def mmm(xs: list[float]) -> dict[str, float]:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
 
-def fmt(d: dict[str, float], digits: int = 3) -> str:
-    return f"{d['min']:.{digits}f} / {d['median']:.{digits}f} / {d['max']:.{digits}f}"
 
 
 def main() -> int:

@@ -75,6 +75,8 @@ class ChunkReader:
         self._nursery: trio.Nursery | None = None
         self.prefetched = 0
         self.frames_prefetched = 0
+        self.requests = 0  # reads of committed versions served (FUSE read requests), and their bytes
+        self.request_bytes = 0
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the read-ahead tasks until cancelled (without it, reads simply do not read ahead)."""
@@ -258,4 +260,6 @@ class ChunkReader:
             pos = c_off + hi
             i += 1
         self._read_ahead(vid, ext, off, end, i)
+        self.requests += 1
+        self.request_bytes += end - off
         return b"".join(parts)

@@ -225,7 +225,11 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> pyfuse3.FileInfo:
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             self.health.check()
-        return pyfuse3.FileInfo(fh=FileHandleT(await self.tree.open(InodeId(inode), flags)))
+        # keep_cache: the kernel keeps the file's pages across opens. Safe because an inode's bytes change
+        # only through this kernel's writes and truncates (which update its pages); ingest never changes
+        # them, and another node's version of a path arrives as a new inode (tier.refresh).
+        fh = await self.tree.open(InodeId(inode), flags)
+        return pyfuse3.FileInfo(fh=FileHandleT(fh), keep_cache=True)
 
     @_edge(writes=True)
     async def create(

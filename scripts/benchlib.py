@@ -1,0 +1,88 @@
+"""What the benchmarks share: the ckptfs CLI, a trainer that makes realistic checkpoint series, waiting
+for a daemon to go idle, CPU time of a process, the page cache, and min / median / max."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ckptfs import control  # noqa: E402
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "ckptfs", *args], capture_output=True, text=True, env=env, timeout=1800)
+    if res.returncode:
+        raise RuntimeError(f"ckptfs {' '.join(args)}: {res.stdout}{res.stderr}")
+    return res.stdout
+
+
+def mount(env: dict[str, str], cache: Path, mnt: Path, store: str) -> None:
+    mnt.mkdir(parents=True, exist_ok=True)
+    cli(env, "mount", "--cache", str(cache), "--store", store, str(mnt))
+
+
+def umount(env: dict[str, str], mnt: Path) -> None:
+    cli(env, "umount", str(mnt))
+
+
+def trainer(params_m: float) -> Callable[[int], dict]:
+    """``steps(n)``: n AdamW steps of an fp32 MLP of ``params_m`` million parameters, then its state
+    (model + optimizer), as a training job would torch.save it."""
+    torch.manual_seed(0)
+    width = 2048
+    layers = max(1, round(params_m * 1e6 / (width * width + width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def steps(n: int) -> dict:
+        for _ in range(n):
+            model(torch.randn(8, width)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+    return steps
+
+
+def wait_idle(cache: Path, timeout: float = 900) -> None:
+    """Until the daemon has nothing to ingest, compact or upload."""
+    t0 = time.perf_counter()
+    while True:
+        st = control.request(str(cache), {"op": "status"})
+        queued = st["upload"]["queued_versions"] if st["upload"] else 0  # None: tiering is off
+        if not st["ingest_pending"] and not st["compaction_pending"] and not queued:
+            return
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"daemon not idle after {timeout} s: {st}")
+        time.sleep(0.2)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drop_caches() -> None:
+    """Write back and drop the kernel's page cache (root only), as after a reboot."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def mmm(xs: list[float]) -> dict[str, float]:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+
+
+def fmt(d: dict[str, float], digits: int = 3) -> str:
+    return f"{d['min']:.{digits}f} / {d['median']:.{digits}f} / {d['max']:.{digits}f}"
