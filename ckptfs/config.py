@@ -106,6 +106,7 @@ class IngestConfig:
     max_chain: int = 4  # deltas a read decodes at most (1 = every delta is against a keyframe; 0 = no delta)
     base_grace_s: int = 600  # slot entries of deleted files (and chunks only they hold) are released after this
     base_cache_mb: int = 512  # plain bytes of recent pieces kept in memory as the next version's bases
+    newest_keyframe: bool = False  # reverse deltas in idle time: the newest of a layout a keyframe (files.reverse)
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,6 +255,7 @@ class _Components:
             base_grace_s=cfg.ingest.base_grace_s,
             base_cache_bytes=cfg.ingest.base_cache_mb * MiB,
             pco_level=cfg.ingest.pco_level,
+            newest_keyframe=cfg.ingest.newest_keyframe,
         )
         self.contents = FileContents(
             self.db,

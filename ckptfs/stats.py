@@ -186,6 +186,7 @@ class VersionInfo:
     base_path: str | None = None  # where the base version's file is now (None when deleted)
     codecs: dict[str, int] = field(default_factory=dict)  # chunks per codec
     stored: int = 0  # encoded bytes of the version's distinct chunks
+    max_depth: int = 0  # the deepest delta chain among its chunks (decodes per chunk - 1)
 
 
 def versions(conn: sqlite3.Connection, rel: str = "") -> list[VersionInfo]:
@@ -224,6 +225,10 @@ def versions(conn: sqlite3.Connection, rel: str = "") -> list[VersionInfo]:
             "SELECT coalesce(sum(stored), 0) FROM chunks WHERE id IN (SELECT chunk FROM extents WHERE version=?)",
             (v[0],),
         ).fetchone()[0]
+        depth = conn.execute(
+            "SELECT coalesce(max(depth), 0) FROM chunks WHERE id IN (SELECT chunk FROM extents WHERE version=?)",
+            (v[0],),
+        ).fetchone()[0]
         base_path = path_of(v[5]) if v[5] is not None and v[5] in names else None
-        out.append(VersionInfo(path, v[0], v[1], v[2], v[3], v[4], base_path, mix, int(stored)))
+        out.append(VersionInfo(path, v[0], v[1], v[2], v[3], v[4], base_path, mix, int(stored), int(depth)))
     return out

@@ -202,10 +202,12 @@ class ChunkIndex:
     ) -> ChunkId | None:
         """After the new frame is durable (or with it: ``small_frame``, written here): the row names the
         new base, the old base loses this chunk's reference (returned, for ``collect``). A file frame
-        replaces a small one; a small frame leaves a stale file, which the caller deletes. No checkpoint."""
+        replaces a small one; a small frame leaves a stale file, which the caller deletes. The chunks coded
+        against ``cid`` move by its change of depth in the same transaction, so depths stay exact at any
+        crash point. No checkpoint."""
         with self.db.transaction() as c:
             new_base = c.execute("SELECT new_base FROM rebase_intents WHERE chunk=?", (cid,)).fetchone()
-            old = c.execute("SELECT base FROM chunks WHERE id=?", (cid,)).fetchone()
+            old = c.execute("SELECT base, depth FROM chunks WHERE id=?", (cid,)).fetchone()
             if new_base is None or old is None:
                 raise RuntimeError(f"no rebase of chunk {cid.hex()} in progress")
             c.execute(  # a new frame: not in the store until the uploader puts it up under its new name
@@ -214,6 +216,13 @@ class ChunkIndex:
                 (codec, stored, new_base[0], depth, cid),
             )
             c.execute("DELETE FROM rebase_intents WHERE chunk=?", (cid,))
+            if depth != int(old[1]):
+                c.execute(
+                    "WITH RECURSIVE t(id) AS (SELECT id FROM chunks WHERE base = ?"
+                    " UNION SELECT d.id FROM chunks d JOIN t ON d.base = t.id)"
+                    " UPDATE chunks SET depth = depth + ? WHERE id IN (SELECT id FROM t)",
+                    (cid, depth - int(old[1])),
+                )
             if small_frame is None:
                 c.execute("DELETE FROM frames WHERE chunk=?", (cid,))
             else:
@@ -224,15 +233,6 @@ class ChunkIndex:
 
     def set_depth(self, cid: ChunkId, depth: int) -> None:
         self.db.execute("UPDATE chunks SET depth=? WHERE id=?", (depth, cid))
-
-    def shift_depths_below(self, cid: ChunkId, delta: int) -> None:
-        """Add ``delta`` to the depth of every chunk coded against ``cid``, transitively."""
-        self.db.execute(
-            "WITH RECURSIVE t(id) AS (SELECT id FROM chunks WHERE base = ?"
-            " UNION SELECT c.id FROM chunks c JOIN t ON c.base = t.id)"
-            " UPDATE chunks SET depth = depth + ? WHERE id IN (SELECT id FROM t)",
-            (cid, delta),
-        )
 
     def settle_rebase(self, cid: ChunkId) -> list[ChunkId]:
         """Finish ``cid``'s rebase if its new frame is on disk, else roll it back; returns the chunks that

@@ -116,9 +116,8 @@ class Compactor:
             frame = await self.workers.run_background(_denser_frame, self.chunks.cache, cid, level)
             if frame is not None and self.chunks.has(cid):
                 new_depth = depth if parse_header(frame).base is not None else 0
+                # (became a keyframe: everything coded against it moves up with it, in ``finish_rebase``)
                 await swap_frame(self.chunks, self.workers, cid, frame, new_depth)
-                if new_depth != depth:  # became a keyframe: everything coded against it is nearer one now
-                    self.chunks.shift_depths_below(cid, new_depth - depth)
         finally:
             self.chunks.unpin([cid])
             self.chunks.collect([cid])

@@ -56,6 +56,7 @@ from ckptfs.files.gate import Gate
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.plan import plan_file
 from ckptfs.files.repack import Repacker, RepackSettings
+from ckptfs.files.reverse import Reverser, ReverseSettings
 from ckptfs.files.workers import Workers
 from ckptfs.health import Health, guarded, is_fatal
 from ckptfs.meta import Versions, add_refs
@@ -76,6 +77,7 @@ class IngestSettings:
     base_grace_s: int = 600
     base_cache_bytes: int = 512 * 1024 * 1024
     pco_level: int = 10
+    newest_keyframe: bool = False
 
 
 # Writes this recent keep repack and compaction waiting (a checkpoint is being saved).
@@ -152,6 +154,11 @@ class Ingester:
             chunks, workers, self.gate, self.busy, RepackSettings(settings.max_chain, settings.zstd_level)
         )
         self.compactor = Compactor(chunks, workers, self.gate, self.busy, CompactSettings(settings.pco_level))
+        self.reverser = (
+            Reverser(chunks, workers, self.gate, self.busy, ReverseSettings(settings.max_chain, settings.zstd_level))
+            if settings.newest_keyframe and settings.max_chain
+            else None
+        )
 
     def busy(self) -> bool:
         """Is a version waiting for ingest, or was anything written in the last 2 s? Re-encoding stored
@@ -183,6 +190,8 @@ class Ingester:
             nursery.start_soon(guarded, h, "the delta-base slot sweep", self._sweep_slots)
             nursery.start_soon(guarded, h, "repack", self.repacker.run)
             nursery.start_soon(guarded, h, "compaction", self.compactor.run)
+            if self.reverser is not None:
+                nursery.start_soon(guarded, h, "reversing deltas", self.reverser.run)
             task_status.started()
 
     async def _sweep_slots(self) -> None:

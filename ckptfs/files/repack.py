@@ -61,7 +61,7 @@ class _Node:
     live: bool
 
 
-def _reencode(cache: ChunkCache, cid: ChunkId, base: ChunkId | None, level: int) -> bytes:
+def reencode(cache: ChunkCache, cid: ChunkId, base: ChunkId | None, level: int) -> bytes:
     """Worker thread: the frame of ``cid``'s plain bytes encoded against ``base`` (or alone; also when the
     keyframe form wins)."""
     frame = cache.get(cid)
@@ -180,7 +180,7 @@ class Repacker:
             self.chunks.pin(cid)
         try:
             frame = await self.workers.run_background(
-                _reencode, self.chunks.cache, n.cid, None if base is None else base.cid, self.settings.zstd_level
+                reencode, self.chunks.cache, n.cid, None if base is None else base.cid, self.settings.zstd_level
             )
             n.base = parse_header(frame).base
             n.depth = 0 if n.base is None or base is None else base.depth + 1
