@@ -34,42 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
-from benchlib import cpu_seconds
+from benchlib import GPT, cpu_seconds
 
 SERIES = ("finetune-fp32", "pretrain-bf16", "frozen-adapters", "latest-overwrite", "hf-rotation")
-
-
-class Block(torch.nn.Module):
-    def __init__(self, d: int, adapter: int) -> None:
-        super().__init__()
-        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.attn = torch.nn.MultiheadAttention(d, max(1, d // 64), batch_first=True)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
-        self.adapter = (
-            torch.nn.Sequential(torch.nn.Linear(d, adapter), torch.nn.Linear(adapter, d)) if adapter else None
-        )
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        x = x + self.mlp(self.ln2(x))
-        return x + self.adapter(x) if self.adapter is not None else x
-
-
-class GPT(torch.nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, ctx: int, adapter: int = 0) -> None:
-        super().__init__()
-        self.tok, self.pos = torch.nn.Embedding(vocab, d), torch.nn.Embedding(ctx, d)
-        self.blocks = torch.nn.ModuleList(Block(d, adapter) for _ in range(layers))
-        self.ln, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
-        x = self.tok(idx) + self.pos(torch.arange(t))
-        for b in self.blocks:
-            x = b(x, mask)
-        return self.head(self.ln(x))
 
 
 def train_states(args: argparse.Namespace, series: str):

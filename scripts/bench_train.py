@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Training throughput lost to checkpointing (CheckFreq's metric: 1 - T_no_checkpoint / T_with), paired runs.
+
+A small GPT (27M parameters at the defaults: its fp32 model + AdamW state is ~330 MB) trains on the CPU
+for ``--steps`` steps and ``torch.save``s its state every ``--every`` steps, in each of these
+conditions, one after another within a repetition (the order rotates between repetitions):
+
+  none      no checkpoint at all (the reference)
+  plain     into a plain directory on the same disk as the cache
+  ckptfs    into a ckptfs mount (default config; tiering to a local directory)
+  reverse   into a ckptfs mount with ``ingest.newest_keyframe = true``
+
+The training loop's wall time includes the saves (what a synchronous trainer pays) and whatever the
+daemon's background work takes from it meanwhile; the daemon's work after the last save is not in
+it, so each mount is idle before its run starts. Prints per-condition step time and the loss
+(min / median / max over the ``--reps`` paired repetitions) and writes JSON.
+
+    .venv/bin/python scripts/bench_train.py --reps 3 --json bench-train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from benchlib import GPT, fmt, mmm, mount, umount, wait_idle
+
+
+def run(
+    model: GPT, opt: torch.optim.Optimizer, data: torch.Tensor, args: argparse.Namespace, out: Path | None
+) -> float:
+    """Seconds for ``args.steps`` training steps, saving every ``args.every`` into ``out`` (None: never)."""
+    t0 = time.perf_counter()
+    for s in range(1, args.steps + 1):
+        batch = data[s % 8 :: 8][: args.batch]
+        loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if out is not None and s % args.every == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / f"step_{s:06d}.pt")
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--conditions", default="none,plain,ckptfs,reverse")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    conditions = args.conditions.split(",")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=os.environ.get("BENCH_DIR")))
+    env = {**os.environ, "CKPTFS_NODE_ID": "bench"}
+    mounts = {"ckptfs": {}, "reverse": {"CKPTFS_INGEST_NEWEST_KEYFRAME": "true"}}
+    for name, extra in mounts.items():
+        if name in conditions:
+            mount({**env, **extra}, work / f"cache-{name}", work / name, f"file://{work / f'objects-{name}'}")
+    (work / "plain").mkdir()
+    torch.manual_seed(0)
+    model = GPT(args.vocab, args.d_model, args.layers, args.ctx)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    data = torch.randint(0, args.vocab, (64, args.ctx + 1))
+    params = sum(p.numel() for p in model.parameters())
+    times: dict[str, list[float]] = {c: [] for c in conditions}
+    try:
+        run(model, opt, data, argparse.Namespace(**{**vars(args), "steps": 3}), None)  # warm up (allocator, threads)
+        for rep in range(args.reps):
+            order = conditions[rep % len(conditions) :] + conditions[: rep % len(conditions)]
+            for c in order:
+                out = None if c == "none" else work / c
+                if c in mounts:
+                    wait_idle(work / f"cache-{c}")
+                os.sync()
+                dt = run(model, opt, data, args, out)
+                times[c].append(dt)
+                print(f"rep {rep}: {c:>8} {dt:7.2f} s ({dt / args.steps * 1e3:.0f} ms/step)", flush=True)
+                if out is not None:
+                    if c in mounts:
+                        wait_idle(work / f"cache-{c}")
+                    for f in out.iterdir():
+                        f.unlink()
+    finally:
+        for name in mounts:
+            if name in conditions:
+                umount(env, work / name)
+        shutil.rmtree(work, ignore_errors=True)
+
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # + AdamW's 2 moments
+    results: dict = {"params": params, "state_bytes": size, "steps": args.steps, "every": args.every,
+                     "reps": args.reps, "seconds": times, "loss": {}}
+    print(f"\n{params / 1e6:.1f}M-parameter GPT (~{size / 1e6:.0f} MB state), {args.steps} steps, a save every"
+          f" {args.every}, {args.reps} paired repetitions")
+    print(f"{'condition':>9} | {'seconds (min / median / max)':>28} | loss 1 - T_none / T (min / median / max)")
+    for c in conditions:
+        line = f"{c:>9} | {fmt(mmm(times[c]), 2):>28} |"
+        if c != "none" and "none" in times:
+            losses = [1 - n / t for n, t in zip(times["none"], times[c], strict=True)]
+            results["loss"][c] = mmm(losses)
+            line += f" {fmt(mmm([x * 100 for x in losses]), 1)} %"
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
