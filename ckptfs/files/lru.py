@@ -19,6 +19,11 @@ class BytesLRU:
         self.keep_last = keep_last
         self._data: OrderedDict[ChunkId, bytes] = OrderedDict()
         self._size = 0
+        self.peak = 0  # the most bytes held at once, after evictions (``ckptfs status``)
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     def get(self, cid: ChunkId) -> bytes | None:
         data = self._data.get(cid)
@@ -45,3 +50,4 @@ class BytesLRU:
         while self._size > self.capacity and len(self._data) > (1 if self.keep_last else 0):
             _, dropped = self._data.popitem(last=False)
             self._size -= len(dropped)
+        self.peak = max(self.peak, self._size)

@@ -85,6 +85,11 @@ class ChunkReader:
             task_status.started()
             await trio.sleep_forever()
 
+    @property
+    def decoded(self) -> BytesLRU:
+        """The decoded-chunk cache (its ``size``, ``capacity`` and ``peak`` are in ``ckptfs status``)."""
+        return self._decoded
+
     def extents(self, vid: VersionId) -> Extents:
         ext = self._extents.get(vid)
         if ext is None:

@@ -114,3 +114,17 @@ def test_a_rewritten_path_never_serves_the_old_bytes(mount_factory, tmp_path):
         time.sleep(0.2)
     a.umount()
     b.umount()
+
+
+def test_decoded_memory_stays_within_its_cap_and_is_reported(mount_factory):
+    m = mount_factory(env={"CKPTFS_CACHE_DECODED_CACHE_MB": "8"})
+    data = os.urandom(32 * MiB)
+    m.path("big").write_bytes(data)
+    m.wait_local("big")
+    _uncache(m.path("big"))
+    assert m.path("big").read_bytes() == data
+    st = json.loads(m.cli("status", "--json", str(m.mnt)).stdout)["cache"]
+    assert st["decoded_cap_bytes"] == 8 * MiB
+    # 32 MiB went through it; at most the cap stays, plus the chunk a read is in the middle of (<= 4 MiB)
+    assert 0 < st["decoded_bytes"] <= st["decoded_peak_bytes"] <= 8 * MiB + 4 * MiB, st
+    m.umount()
