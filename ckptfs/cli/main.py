@@ -508,7 +508,7 @@ def _parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=cmd_recover)
 
     g = sub.add_parser("gc", help="delete packs no file needs any more from the store (mark, then sweep later)")
-    common(g)
+    g.add_argument("--config", help="TOML config file (default /etc/ckptfs/ckptfs.toml if present)")
     g.add_argument("--store", help="object store URL (default: store.url of the config)")
     g.add_argument(
         "--grace", type=_duration, default=6 * 3600.0, help="how long a pack stays marked before a sweep (default 6h)"
