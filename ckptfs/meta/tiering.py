@@ -94,6 +94,11 @@ _ENTRY_SELECT = (
 )
 
 
+# The columns of a ChunkRow, in ``Tiering._row``'s order (prefix them with the table's alias, if any).
+_ROW_COLUMNS = ("id", "codec", "stored", "raw_len", "base", "depth", "remote", "remote_off", "remote_len")
+_ROW_SELECT = f"SELECT {', '.join(_ROW_COLUMNS)} FROM chunks"
+
+
 def _entry(path: bytes, r: tuple[Any, ...]) -> Entry:  # a row of _ENTRY_SELECT
     vid = None if r[6] is None else VersionId(int(r[6]))
     target = None if r[8] is None else bytes(r[8])
@@ -168,31 +173,17 @@ class Tiering:
         rows = self.db.execute(
             f"WITH RECURSIVE t(id) AS (SELECT chunk FROM extents WHERE version IN ({marks})"
             " UNION SELECT c.base FROM chunks c JOIN t ON c.id = t.id WHERE c.base IS NOT NULL)"
-            " SELECT c.id, c.codec, c.stored, c.raw_len, c.base, c.depth, c.remote, c.remote_off, c.remote_len"
+            f" SELECT {', '.join('c.' + col for col in _ROW_COLUMNS)}"
             " FROM chunks c JOIN t ON c.id = t.id ORDER BY c.depth",
             tuple(ids),
         ).fetchall()
-        return [
-            ChunkRow(
-                ChunkId(bytes(r[0])),
-                int(r[1]),
-                int(r[2]),
-                int(r[3]),
-                None if r[4] is None else ChunkId(bytes(r[4])),
-                int(r[5]),
-                r[6],
-                r[7],
-                r[8],
-            )
-            for r in rows
-        ]
+        return [self._row(r) for r in rows]
 
     def not_uploaded(self, limit: int) -> list[ChunkRow]:
         """Committed chunks (referenced) whose current frame is not in the store, bases first — but not
         those a queued version will take up (``pending`` decides when), nor those waiting for compaction."""
         rows = self.db.execute(
-            "SELECT id, codec, stored, raw_len, base, depth, remote, remote_off, remote_len FROM chunks"
-            " WHERE remote IS NULL AND refcount > 0 AND id NOT IN (SELECT chunk FROM compact_queue)"
+            f"{_ROW_SELECT} WHERE remote IS NULL AND refcount > 0 AND id NOT IN (SELECT chunk FROM compact_queue)"
             " AND NOT EXISTS (SELECT 1 FROM extents x JOIN upload_queue q ON q.version = x.version"
             " WHERE x.chunk = chunks.id) ORDER BY depth LIMIT ?",
             (limit,),
@@ -203,8 +194,7 @@ class Tiering:
         """Chunks an ingest has stored and not committed yet (refcount 0, not in the store): a flush
         uploads them while the rest of the version is still being chunked."""
         rows = self.db.execute(
-            "SELECT id, codec, stored, raw_len, base, depth, remote, remote_off, remote_len FROM chunks"
-            " WHERE remote IS NULL AND refcount = 0 ORDER BY depth LIMIT ?",
+            f"{_ROW_SELECT} WHERE remote IS NULL AND refcount = 0 ORDER BY depth LIMIT ?",
             (limit,),
         ).fetchall()
         return [self._row(r) for r in rows]
@@ -231,8 +221,7 @@ class Tiering:
         for i in range(0, len(wanted), 500):
             part = wanted[i : i + 500]
             rows = self.db.execute(
-                "SELECT id, codec, stored, raw_len, base, depth, remote, remote_off, remote_len FROM chunks"
-                f" WHERE remote IN ({','.join('?' * len(part))})",
+                f"{_ROW_SELECT} WHERE remote IN ({','.join('?' * len(part))})",
                 tuple(part),
             ).fetchall()
             out += [self._row(r) for r in rows]
