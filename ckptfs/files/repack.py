@@ -71,6 +71,35 @@ def reencode(cache: ChunkCache, cid: ChunkId, base: ChunkId | None, level: int) 
     return encode(data, level, hdr.width, pair)[0]
 
 
+async def reencode_swap(
+    chunks: ChunkIndex,
+    workers: Workers,
+    cid: ChunkId,
+    base: ChunkId | None,
+    level: int,
+    depth_of: Callable[[ChunkId | None], int | None],
+) -> tuple[ChunkId | None, int] | None:
+    """Re-encode ``cid`` against ``base`` (or alone; the encoder may still choose a keyframe) and swap the
+    frame in at ``depth_of(the base it chose)`` — or keep the old frame if that is None. Returns (new
+    base, depth), or None when nothing changed. Pins ``cid`` and ``base`` meanwhile; a re-encoded chunk
+    joins the queue of ``files.compact``. Run it holding the gate exclusively."""
+    held = [cid] if base is None else [cid, base]
+    for h in held:
+        chunks.pin(h)
+    try:
+        frame = await workers.run_background(reencode, chunks.cache, cid, base, level)
+        chosen = parse_header(frame).base
+        depth = depth_of(chosen)
+        if depth is None:
+            return None
+        await swap_frame(chunks, workers, cid, frame, depth)
+        chunks.queue_compaction([cid])
+        return chosen, depth
+    finally:
+        chunks.unpin(held)
+        chunks.collect(held)
+
+
 class Repacker:
     def __init__(
         self, chunks: ChunkIndex, workers: Workers, gate: Gate, busy: Callable[[], bool], settings: RepackSettings
@@ -175,17 +204,13 @@ class Repacker:
         return min(room, key=lambda s: s.order) if room else None
 
     async def _rebase(self, n: _Node, base: _Node | None) -> None:
-        held = [n.cid] if base is None else [n.cid, base.cid]
-        for cid in held:
-            self.chunks.pin(cid)
-        try:
-            frame = await self.workers.run_background(
-                reencode, self.chunks.cache, n.cid, None if base is None else base.cid, self.settings.zstd_level
-            )
-            n.base = parse_header(frame).base
-            n.depth = 0 if n.base is None or base is None else base.depth + 1
-            await swap_frame(self.chunks, self.workers, n.cid, frame, n.depth)
-            self.chunks.queue_compaction([n.cid])
-        finally:
-            self.chunks.unpin(held)
-            self.chunks.collect(held)
+        got = await reencode_swap(
+            self.chunks,
+            self.workers,
+            n.cid,
+            None if base is None else base.cid,
+            self.settings.zstd_level,
+            lambda chosen: 0 if chosen is None or base is None else base.depth + 1,
+        )
+        assert got is not None  # (every depth is accepted)
+        n.base, n.depth = got

@@ -26,12 +26,10 @@ from dataclasses import dataclass
 import trio
 
 from ckptfs import failpoints
-from ckptfs.codec import parse_header
 from ckptfs.errors import CacheFull, CorruptChunk
 from ckptfs.files.chunks import ChunkIndex
 from ckptfs.files.gate import Gate
-from ckptfs.files.repack import reencode
-from ckptfs.files.swap import swap_frame
+from ckptfs.files.repack import reencode_swap
 from ckptfs.files.workers import Workers
 from ckptfs.types import ChunkId
 
@@ -88,11 +86,10 @@ class Reverser:
                     log.warning("reversing the delta of chunk %s stopped: %s", cid.hex(), exc)
                     break
 
-    def _row(self, cid: ChunkId) -> tuple[ChunkId | None, int] | None:
-        row = self.chunks.db.one("SELECT base, depth FROM chunks WHERE id=?", (cid,))
-        if row is None:
-            return None
-        return (None if row[0] is None else ChunkId(bytes(row[0]))), int(row[1])
+    def _base(self, cid: ChunkId) -> ChunkId | None:
+        """The chunk's delta base (None: a keyframe, or gone)."""
+        row = self.chunks.db.one("SELECT base FROM chunks WHERE id=?", (cid,))
+        return None if row is None or row[0] is None else ChunkId(bytes(row[0]))
 
     def _deepest_below(self, cid: ChunkId) -> int | None:
         """The greatest depth among the chunks coded against ``cid``, transitively (None: there are none)."""
@@ -110,19 +107,15 @@ class Reverser:
     async def flip(self, c: ChunkId) -> bool:
         """Make ``c`` a keyframe and its old base a delta against it (when that keeps the bound). Returns
         False if there was nothing to do. Run it holding the gate exclusively."""
-        row = self._row(c)
-        if row is None:
-            return False
-        b, _ = row
+        b = self._base(c)
         if b is None:
             return False
         await self._swap(c, None, 0)  # (what is coded against c moves up with it: ``finish_rebase``)
         self.flipped += 1
-        old = self._row(b)
+        depth_b = self.chunks.depth(b)
         refs = self.chunks.direct_refs(b)
-        if old is None or refs is None or refs <= 0 or self._is_slot_chunk(b) or self.chunks.pinned(b):
+        if depth_b is None or refs is None or refs <= 0 or self._is_slot_chunk(b) or self.chunks.pinned(b):
             return True  # gone, only deltas hold it (repack's), or the newest of another slot
-        _, depth_b = old
         deepest = self._deepest_below(b)
         if deepest is not None and deepest + (1 - depth_b) > self.settings.max_chain:
             return True  # the chunks coded against b would exceed the bound: b stays as it is
@@ -133,16 +126,12 @@ class Reverser:
     async def _swap(self, cid: ChunkId, base: ChunkId | None, depth: int) -> bool:
         """Re-encode ``cid`` against ``base`` (or alone) and swap the frame in. False when the delta did
         not pay (the encoder chose a keyframe): then nothing changes."""
-        held = [cid] if base is None else [cid, base]
-        for h in held:
-            self.chunks.pin(h)
-        try:
-            frame = await self.workers.run_background(reencode, self.chunks.cache, cid, base, self.settings.zstd_level)
-            if parse_header(frame).base != base:
-                return False
-            await swap_frame(self.chunks, self.workers, cid, frame, depth)
-            self.chunks.queue_compaction([cid])
-            return True
-        finally:
-            self.chunks.unpin(held)
-            self.chunks.collect(held)
+        got = await reencode_swap(
+            self.chunks,
+            self.workers,
+            cid,
+            base,
+            self.settings.zstd_level,
+            lambda chosen: depth if chosen == base else None,
+        )
+        return got is not None
