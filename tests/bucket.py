@@ -1,22 +1,17 @@
-"""Reading a store the way a new node would, from the bucket alone: every journal segment, merged."""
+"""Reading a store the way a new node would, from the bucket alone: the newest journal snapshot and the
+segments it does not cover, merged."""
 
 from __future__ import annotations
 
 from ckptfs.backend.base import ObjectStore
 from ckptfs.tier.fetch import read_file
-from ckptfs.tier.journal import merge
-from ckptfs.tier.layout import JOURNAL_PREFIX, decode_segment, read_pack_index
+from ckptfs.tier.layout import read_pack_index
 from ckptfs.tier.recover import read_journal
 
 
 def view(store: ObjectStore) -> dict[str, dict]:
     """The namespace as a new node reads it: the newest journal snapshot and the segments it does not cover."""
     return {p: ev for p, (_, ev) in read_journal(store, strict=True).winners.items() if ev["kind"] != "gone"}
-
-
-def segments_merged(store: ObjectStore) -> dict[str, dict]:
-    """The namespace from the journal's segments alone (no snapshot)."""
-    return merge(decode_segment(store.get(k)) for k in store.list(JOURNAL_PREFIX))
 
 
 def files(store: ObjectStore) -> dict[str, bytes]:

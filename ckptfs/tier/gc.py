@@ -149,8 +149,9 @@ def collect(
     packs = {i.key: i for i in store.list_info(PACK_PREFIX)}
     view = read_journal(store, threads, progress, strict=True)
     live = live_frames(view.winners)
-    report = GcReport(segments=len(view.listed), packs=len(packs), pack_bytes=sum(i.size for i in packs.values()))
-    report.dry_run = dry_run
+    report = GcReport(
+        segments=len(view.listed), packs=len(packs), pack_bytes=sum(i.size for i in packs.values()), dry_run=dry_run
+    )
 
     marked: dict[str, int] = {}
     sweep: dict[str, int] = {}

@@ -76,6 +76,7 @@ class Refresher:
         """One pass; returns how many paths changed."""
         own = f"{JOURNAL_PREFIX}{self.writer}/"
         keys = await trio.to_thread.run_sync(lambda: list(self.store.list(JOURNAL_PREFIX)))
+        listed = set(keys)
         seen = self.tiering.seen_segments()
         new = [k for k in keys if not k.startswith(own) and k not in seen]
         base, snap_key, covers = None, None, frozenset[str]()
@@ -84,7 +85,6 @@ class Refresher:
             # that was down (or could not refresh) that long finds them only there. Listed after the
             # segments (see ``recover.read_journal``).
             self._next_snapshot_check = time.monotonic() + _SNAPSHOT_CHECK_S
-            listed = set(keys)
             gone = [k for k in seen if k not in listed]
             if gone:
                 self.tiering.forget_seen(gone)
@@ -123,7 +123,6 @@ class Refresher:
                 changed += 1
         self.tiering.mark_seen(new)
         if snap_key is not None:
-            listed = set(keys)
             self.tiering.mark_seen(k for k in covers if k in listed)
             self.tiering.set_snapshot_applied(snap_key)
         self.applied += changed
