@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -146,6 +147,25 @@ class FileContents:
         lock = self._locks.get(inode)
         if lock is not None and not lock.locked():
             del self._locks[inode]
+
+    def first_version_in(self, conn: sqlite3.Connection, inode: InodeId) -> Active:
+        """Inside the transaction that creates ``inode`` (a new regular file): its first staged version,
+        current at once, and an empty staging file. One change, so a power cut never leaves the file
+        without a version (which would read as a durable empty file instead of going to lost+found).
+        The caller hands the result to ``adopt`` once the transaction committed, else to ``abandon``."""
+        self._check_space(0)
+        vid = self.versions.create_staged_in(conn, inode, 0, time.time_ns(), self.staging.name, current=True)
+        fd = self.staging.create(vid)
+        return Active(vid, inode, fd, self.staging.name(vid), 0, dirty=True)
+
+    def adopt(self, act: Active) -> None:
+        """A new file's first version is committed: it is the inode's staged content."""
+        self.active[act.inode] = act
+
+    def abandon(self, act: Active) -> None:
+        """A new file's creation was rolled back: drop its staging file."""
+        os.close(act.fd)
+        self.staging.remove(act.staging)
 
     async def open_write(self, inode: InodeId, keep: int | None) -> Active:
         """Make sure ``inode`` has a staged version and count one writer on it.

@@ -115,14 +115,30 @@ class Versions:
         """A new staged version of ``inode`` (not yet its current one: ``make_current``), whose bytes live
         in the staging file ``staging_name(id)``."""
         with self.db.transaction() as c:  # atomic: no await until commit
-            vid = VersionId(
-                c.execute(
-                    "INSERT INTO versions (inode, state, size, staging, created_ns) VALUES (?,?,?,?,?)",
-                    (inode, VersionState.STAGED.value, size, "", now_ns),
-                ).lastrowid
-                or 0
-            )
-            c.execute("UPDATE versions SET staging=? WHERE id=?", (staging_name(vid), vid))
+            return self.create_staged_in(c, inode, size, now_ns, staging_name)
+
+    @staticmethod
+    def create_staged_in(
+        conn: sqlite3.Connection,
+        inode: InodeId,
+        size: int,
+        now_ns: int,
+        staging_name: Callable[[VersionId], str],
+        *,
+        current: bool = False,
+    ) -> VersionId:
+        """``create_staged`` inside the caller's transaction; with ``current`` it is made the inode's
+        content in the same step (a new file: its creation and its first version are one change)."""
+        vid = VersionId(
+            conn.execute(
+                "INSERT INTO versions (inode, state, size, staging, created_ns) VALUES (?,?,?,?,?)",
+                (inode, VersionState.STAGED.value, size, "", now_ns),
+            ).lastrowid
+            or 0
+        )
+        conn.execute("UPDATE versions SET staging=? WHERE id=?", (staging_name(vid), vid))
+        if current:
+            conn.execute("UPDATE inodes SET version=?, size=? WHERE id=?", (vid, size, inode))
         return vid
 
     def discard(self, vid: VersionId) -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckptfs.errors import PosixError
@@ -161,8 +163,18 @@ class Tree:
     # -- creating ------------------------------------------------------------------------------
 
     def _new_inode(
-        self, parent: InodeId, name: bytes, mode: int, uid: int, gid: int, target: bytes | None, rdev: int = 0
+        self,
+        parent: InodeId,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        target: bytes | None,
+        rdev: int = 0,
+        first: Callable[[sqlite3.Connection, InodeId], None] | None = None,
     ) -> Attr:
+        """Insert an inode and its entry in one transaction; ``first`` adds to that transaction (a new
+        file's first version)."""
         _check_name(name)
         self._dir(parent)
         if self._child(parent, name) is not None:
@@ -182,6 +194,8 @@ class Tree:
             c.execute("INSERT INTO dirents (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
             bump = 1 if stat.S_ISDIR(mode) else 0
             c.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink+? WHERE id=?", (now, now, bump, parent))
+            if first is not None:
+                first(c, InodeId(ino or 0))
         attr = self.getattr(InodeId(ino or 0))
         self._lookups[attr.ino] += 1
         return attr
@@ -226,8 +240,25 @@ class Tree:
         return bytes(row[0])
 
     async def create(self, parent: InodeId, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
-        attr = self._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, None)
-        fh = await self.open(attr.ino, flags)
+        made: list[Active] = []
+        try:
+            attr = self._new_inode(
+                parent,
+                name,
+                stat.S_IFREG | (mode & 0o7777),
+                uid,
+                gid,
+                None,
+                first=lambda c, ino: made.append(self.contents.first_version_in(c, ino)),
+            )
+        except BaseException:
+            for act in made:  # created, then rolled back with the transaction
+                self.contents.abandon(act)
+            raise
+        self.contents.adopt(made[0])
+        fh = await self.open(attr.ino, flags & ~os.O_TRUNC)  # empty already; no second version
+        if (flags & os.O_ACCMODE) == os.O_RDONLY:
+            self.contents.seal(made[0])  # created, never written: an empty file, durable as it is
         return fh, self.getattr(attr.ino)
 
     # -- removing ------------------------------------------------------------------------------
