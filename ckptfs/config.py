@@ -103,6 +103,8 @@ class IngestConfig:
     piece_mb: int = 4  # size of the fixed pieces a tensor record is cut into
     cdc_avg_kb: int = 1024  # average content-defined chunk size for unparsed files
     nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority
+    idle: bool = True  # encoding runs SCHED_IDLE: only on cores the trainer leaves idle (files.workers)
+    idle_backlog_mb: int = 2048  # staged bytes above which encoding stops waiting for idle cores
     max_chain: int = 4  # deltas a read decodes at most (1 = every delta is against a keyframe; 0 = no delta)
     base_grace_s: int = 600  # slot entries of deleted files (and chunks only they hold) are released after this
     base_cache_mb: int = 512  # plain bytes of recent pieces kept in memory as the next version's bases
@@ -262,6 +264,8 @@ def validate(cfg: Config) -> Config:
         raise UserError("config: ingest.base_grace_s must be >= 0")
     if not 0 <= ing.nice <= 19:
         raise UserError(f"config: ingest.nice must be within 0..19, got {ing.nice}")
+    if ing.idle_backlog_mb < 0:
+        raise UserError(f"config: ingest.idle_backlog_mb must be >= 0, got {ing.idle_backlog_mb}")
     if ing.threads == 0:
         cfg = replace(cfg, ingest=replace(ing, threads=max(1, (os.cpu_count() or 2) - 1)))
     if cfg.cache.reserve_mb < 0 or cfg.cache.decoded_cache_mb < 8:

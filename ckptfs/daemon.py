@@ -229,7 +229,8 @@ class _Components:
             db_path=self.db.path,
         )
         self.cache.sweep_tmp()
-        self.workers = Workers.create(cfg.ingest.threads, cfg.ingest.nice)
+        self.workers = Workers.create(cfg.ingest.threads, cfg.ingest.nice, cfg.ingest.idle)
+        self.hurry = False  # unmounting: the drain has a deadline, idle cores or not
         self.chunks = ChunkIndex(self.db, self.cache)
         self.reader = ChunkReader(self.db, self.cache, self.workers, cfg.cache.decoded_cache_mb * MiB)
         self.staging = StagingArea(cache_dir)
@@ -301,7 +302,17 @@ class _Components:
                 healthy=healthy,
                 compact_wait=cfg.upload.compact_wait_s if cfg.ingest.pco_level else 0.0,
                 gc_view=GcView(self.store, cfg.node.gc_view_s),
+                nice=cfg.ingest.nice,
             )
+        self.idle_backlog = cfg.ingest.idle_backlog_mb * MiB
+        self.workers.urgent = self._urgent
+
+    def _urgent(self) -> bool:
+        """Encoding stops waiting for idle cores: at unmount, while someone waits for the store
+        (``flush``, a remote fsync), or when the staged backlog passes ``ingest.idle_backlog_mb``."""
+        if self.hurry or (self.uploader is not None and self.uploader.waiting):
+            return True
+        return self.versions.staged_bytes() > self.idle_backlog
 
     def _sealed(self, inode: InodeId, vid: VersionId) -> None:
         self.ingester.submit(inode, vid)
@@ -506,6 +517,7 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
                 log.error("unmounted %s in failsafe mode (%s); nothing drained", mountpoint, c.health.reason)
             else:
                 log.info("unmounted %s; draining %s", mountpoint, plural(c.ingester.pending, "staged version"))
+                c.hurry = True
                 deadline = trio.current_time() + cfg.mount.drain_seconds
                 with trio.move_on_at(deadline):
                     await c.ingester.wait_idle()

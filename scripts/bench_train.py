@@ -8,12 +8,15 @@ conditions, one after another within a repetition (the order rotates between rep
   none      no checkpoint at all (the reference)
   plain     into a plain directory on the same disk as the cache
   ckptfs    into a ckptfs mount (default config; tiering to a local directory)
+  niced     the same with ``ingest.idle = false``: encoding at nice 10 instead of SCHED_IDLE
   reverse   into a ckptfs mount with ``ingest.newest_keyframe = true``
 
 The training loop's wall time includes the saves (what a synchronous trainer pays) and whatever the
-daemon's background work takes from it meanwhile; the daemon's work after the last save is not in
-it, so each mount is idle before its run starts. Prints per-condition step time and the loss
-(min / median / max over the ``--reps`` paired repetitions) and writes JSON.
+daemon's background work takes from it meanwhile. The daemon's work left when the loop ends is not
+in it; it is reported as the catch-up time (until ingest, compaction and uploads are done: work
+deferred to idle cores shows up there), and each mount is idle before its run starts. Prints
+per-condition seconds, catch-up and the loss (min / median / max over the ``--reps`` paired
+repetitions) and writes JSON.
 
     .venv/bin/python scripts/bench_train.py --reps 3 --json bench-train.json
 """
@@ -58,14 +61,18 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--conditions", default="none,plain,ckptfs,reverse")
+    ap.add_argument("--conditions", default="none,plain,ckptfs,niced")
     ap.add_argument("--json")
     args = ap.parse_args()
     conditions = args.conditions.split(",")
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir=os.environ.get("BENCH_DIR")))
     env = {**os.environ, "CKPTFS_NODE_ID": "bench"}
-    mounts = {"ckptfs": {}, "reverse": {"CKPTFS_INGEST_NEWEST_KEYFRAME": "true"}}
+    mounts = {
+        "ckptfs": {},
+        "niced": {"CKPTFS_INGEST_IDLE": "false"},
+        "reverse": {"CKPTFS_INGEST_NEWEST_KEYFRAME": "true"},
+    }
     for name, extra in mounts.items():
         if name in conditions:
             mount({**env, **extra}, work / f"cache-{name}", work / name, f"file://{work / f'objects-{name}'}")
@@ -76,6 +83,7 @@ def main() -> int:
     data = torch.randint(0, args.vocab, (64, args.ctx + 1))
     params = sum(p.numel() for p in model.parameters())
     times: dict[str, list[float]] = {c: [] for c in conditions}
+    catch_up: dict[str, list[float]] = {c: [] for c in conditions if c in mounts}
     try:
         run(model, opt, data, argparse.Namespace(**{**vars(args), "steps": 3}), None)  # warm up (allocator, threads)
         for rep in range(args.reps):
@@ -87,12 +95,16 @@ def main() -> int:
                 os.sync()
                 dt = run(model, opt, data, args, out)
                 times[c].append(dt)
-                print(f"rep {rep}: {c:>8} {dt:7.2f} s ({dt / args.steps * 1e3:.0f} ms/step)", flush=True)
+                line = f"rep {rep}: {c:>8} {dt:7.2f} s ({dt / args.steps * 1e3:.0f} ms/step)"
                 if out is not None:
                     if c in mounts:
+                        t0 = time.perf_counter()
                         wait_idle(work / f"cache-{c}")
+                        catch_up[c].append(time.perf_counter() - t0)
+                        line += f", catch-up {catch_up[c][-1]:.1f} s"
                     for f in out.iterdir():
                         f.unlink()
+                print(line, flush=True)
     finally:
         for name in mounts:
             if name in conditions:
@@ -101,12 +113,14 @@ def main() -> int:
 
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # + AdamW's 2 moments
     results: dict = {"params": params, "state_bytes": size, "steps": args.steps, "every": args.every,
-                     "reps": args.reps, "seconds": times, "loss": {}}
+                     "reps": args.reps, "seconds": times, "catch_up_seconds": catch_up, "loss": {}}
     print(f"\n{params / 1e6:.1f}M-parameter GPT (~{size / 1e6:.0f} MB state), {args.steps} steps, a save every"
           f" {args.every}, {args.reps} paired repetitions")
-    print(f"{'condition':>9} | {'seconds (min / median / max)':>28} | loss 1 - T_none / T (min / median / max)")
+    print(f"{'condition':>9} | {'seconds (min / median / max)':>28} | {'catch-up s':>18} |"
+          " loss 1 - T_none / T (min / median / max)")
     for c in conditions:
-        line = f"{c:>9} | {fmt(mmm(times[c]), 2):>28} |"
+        after = fmt(mmm(catch_up[c]), 1) if c in catch_up else "-"
+        line = f"{c:>9} | {fmt(mmm(times[c]), 2):>28} | {after:>18} |"
         if c != "none" and "none" in times:
             losses = [1 - n / t for n, t in zip(times["none"], times[c], strict=True)]
             results["loss"][c] = mmm(losses)

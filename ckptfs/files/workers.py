@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,37 +24,78 @@ def _set_nice(nice: int) -> None:
         pass  # raising priority back needs CAP_SYS_NICE; a niced read thread is only slower
 
 
+def _become_idle() -> None:
+    """Initializer of the idle pool's threads: ``SCHED_IDLE`` for good (an unprivileged thread cannot
+    leave it, which is why idle work has threads of its own instead of trio's shared ones)."""
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        _set_nice(19)
+
+
+async def run_niced(limiter: trio.CapacityLimiter, nice: int, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in one of trio's worker threads at ``nice`` (set on every call: the threads are
+    shared by every kind of work). Checkpoints; not cancellable mid-call."""
+
+    def call() -> T:
+        _set_nice(nice)
+        return fn(*args)
+
+    return await trio.to_thread.run_sync(call, limiter=limiter)
+
+
 @dataclass(slots=True)
 class Workers:
-    """Capacity limiters for background CPU work (ingest: hash, encode), background I/O (writing and
-    fsyncing chunk files: mostly waiting on the disk, so it must not hold a CPU slot) and foreground
-    work (reads a user waits for, fsync)."""
+    """Capacity limiters and priorities: background CPU work (ingest: hash, encode; compaction, repack),
+    background I/O (writing and fsyncing chunk files, durable marks, uploads: mostly waiting on the
+    disk or the network, so it must not hold a CPU slot) and foreground work (reads a user waits for,
+    fsync).
+
+    Background CPU work runs ``SCHED_IDLE`` when ``idle`` is set (a trainer on the same cores keeps
+    them), unless ``urgent()`` says the backlog has grown too large to wait for idle cores (then it
+    runs at ``nice`` like the I/O). Background I/O is never idle-scheduled: durable marks come due
+    ``cache.durable_after_s`` after a close whatever the trainer does."""
 
     background: trio.CapacityLimiter
     foreground: trio.CapacityLimiter
     nice: int = 10
     io: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))
+    idle: bool = False
+    urgent: Callable[[], bool] = lambda: False
+    _idle_pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def create(cls, background_threads: int, nice: int) -> Workers:
-        return cls(trio.CapacityLimiter(background_threads), trio.CapacityLimiter(8), nice)
+    def create(cls, background_threads: int, nice: int, idle: bool = False) -> Workers:
+        return cls(trio.CapacityLimiter(background_threads), trio.CapacityLimiter(8), nice, idle=idle)
 
     async def run_background(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a low-priority worker thread. Checkpoints; not cancellable mid-call."""
+        if self.idle and not self.urgent():
+            async with self.background:
+                return await self._run_idle(fn, *args)
         return await self._run_niced(self.background, fn, *args)
 
     async def run_io(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` — background disk I/O — in a low-priority thread outside the CPU limiter."""
+        """Run ``fn(*args)`` — background disk I/O — in a niced thread outside the CPU limiter."""
         return await self._run_niced(self.io, fn, *args)
 
     async def _run_niced(self, limiter: trio.CapacityLimiter, fn: Callable[..., T], *args: object) -> T:
-        nice = self.nice
+        return await run_niced(limiter, self.nice, fn, *args)
 
-        def call() -> T:
-            _set_nice(nice)
-            return fn(*args)
-
-        return await trio.to_thread.run_sync(call, limiter=limiter)
+    async def _run_idle(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the ``SCHED_IDLE`` pool; like ``trio.to_thread.run_sync``, not cancellable
+        while it runs."""
+        if self._idle_pool is None:
+            self._idle_pool = ThreadPoolExecutor(
+                int(self.background.total_tokens), thread_name_prefix="ckptfs-idle", initializer=_become_idle
+            )
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        future = self._idle_pool.submit(fn, *args)
+        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return future.result()
 
     async def run_foreground(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a normal-priority worker thread (reads a user waits for)."""

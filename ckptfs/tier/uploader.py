@@ -33,6 +33,7 @@ from ckptfs.errors import (
     PermanentBackendError,
     UserError,
 )
+from ckptfs.files.workers import run_niced
 from ckptfs.meta import Database
 from ckptfs.meta.tiering import ChunkRow, Tiering
 from ckptfs.tier import journal
@@ -112,7 +113,10 @@ class Uploader:
         healthy: Callable[[], bool] = lambda: True,
         compact_wait: float = 0.0,
         gc_view: GcView | None = None,
+        nice: int = 0,
     ) -> None:
+        self.nice = nice  # of the threads that pack, read frames and talk to the store
+        self.waiting = 0  # flushes (and remote fsyncs) waiting for the store now
         self.gc = gc_view  # the store's gc records as this writer last read them (None: no gc runs on it)
         self.compact_wait = compact_wait  # a version waits this long for its chunks' compaction
         self.healthy = healthy  # failsafe mode stops uploads: they write metadata
@@ -200,7 +204,7 @@ class Uploader:
         when it cannot be read), and stop naming every object it shows as marked or swept."""
         if self.gc is None or not self.gc.stale():
             return
-        await trio.to_thread.run_sync(self.gc.refresh, limiter=self._limit)
+        await run_niced(self._limit, self.nice, self.gc.refresh)
         if self.gc.dead:
             await self._forget_dead(self.tiering.rows_in_objects(self.gc.dead))
 
@@ -218,7 +222,7 @@ class Uploader:
         async def one(r: ChunkRow) -> None:
             if not self.cache.holds(r.id):
                 try:
-                    frame = await trio.to_thread.run_sync(self._fetch_back, r, limiter=self._limit)
+                    frame = await run_niced(self._limit, self.nice, self._fetch_back, r)
                 except (ChunkMissing, CacheFull, OSError) as exc:
                     log.error(
                         "gc: chunk %s is only in %s, which a gc marked, and cannot be fetched back: %s",
@@ -291,7 +295,7 @@ class Uploader:
             if frame is not None:
                 return frame
         try:
-            return await trio.to_thread.run_sync(self.cache.get, row.id, limiter=self._limit)
+            return await run_niced(self._limit, self.nice, self.cache.get, row.id)
         except ChunkMissing as exc:
             if self.db.one("SELECT 1 FROM chunks WHERE id=?", (row.id,)) is not None:
                 errors.append(exc)
@@ -307,7 +311,7 @@ class Uploader:
         collected, not raised: the packs beside it go on."""
         try:
             # (copies 32 MiB and hashes every frame: off the trio thread, which serves the mount)
-            pack = await trio.to_thread.run_sync(build_pack, [(r.id, f) for r, f in frames])
+            pack = await run_niced(self._limit, self.nice, build_pack, [(r.id, f) for r, f in frames])
             try:
                 await self._put(pack.key, pack.data)
             except BackendError as exc:
@@ -319,7 +323,7 @@ class Uploader:
 
     async def _put(self, key: str, data: bytes) -> None:
         await self._throttle.take(len(data))
-        await trio.to_thread.run_sync(self.store.put, key, data, limiter=self._limit)
+        await run_niced(self._limit, self.nice, self.store.put, key, data)
         self.stats.bytes_sent += len(data)
         self.stats.objects_sent += 1
         now = time.monotonic()
@@ -416,18 +420,23 @@ class Uploader:
         return sorted(out)
 
     async def flush(self, prefix: bytes, timeout: float) -> list[str]:
-        """Until everything under ``prefix`` is in the store or ``timeout`` passes: the paths still missing."""
+        """Until everything under ``prefix`` is in the store or ``timeout`` passes: the paths still missing.
+        Counted in ``waiting`` meanwhile (encoding does not wait for idle cores then)."""
         missing = self.unpublished(prefix)
-        with trio.move_on_after(timeout):
-            while missing:
-                target = self._finished + 1 + self._round.locked()  # a round that starts from now
-                while self._finished < target:
-                    self._force = True
-                    self.wake()
-                    await self._round_done.wait()
-                missing = self.unpublished(prefix)
-                if missing:
-                    await trio.sleep(0.1)  # ingest or the store is still at it: do not spin
+        self.waiting += 1
+        try:
+            with trio.move_on_after(timeout):
+                while missing:
+                    target = self._finished + 1 + self._round.locked()  # a round that starts from now
+                    while self._finished < target:
+                        self._force = True
+                        self.wake()
+                        await self._round_done.wait()
+                    missing = self.unpublished(prefix)
+                    if missing:
+                        await trio.sleep(0.1)  # ingest or the store is still at it: do not spin
+        finally:
+            self.waiting -= 1
         return missing
 
     async def wait_paths(self, paths: list[bytes], timeout: float) -> None:
