@@ -105,6 +105,8 @@ class IngestConfig:
     nice: int = 10  # niceness of worker threads (0 disables); the trainer keeps priority
     idle: bool = True  # encoding runs SCHED_IDLE: only on cores the trainer leaves idle (files.workers)
     idle_backlog_mb: int = 2048  # staged bytes above which encoding stops waiting for idle cores
+    idle_wait_s: float = 60.0  # a version waiting this long for ingest stops waiting for idle cores
+    idle_cores: float = 0.5  # compaction waits until other processes leave this many cores free (0 = never)
     max_chain: int = 4  # deltas a read decodes at most (1 = every delta is against a keyframe; 0 = no delta)
     base_grace_s: int = 600  # slot entries of deleted files (and chunks only they hold) are released after this
     base_cache_mb: int = 512  # plain bytes of recent pieces kept in memory as the next version's bases
@@ -264,6 +266,10 @@ def validate(cfg: Config) -> Config:
         raise UserError("config: ingest.base_grace_s must be >= 0")
     if not 0 <= ing.nice <= 19:
         raise UserError(f"config: ingest.nice must be within 0..19, got {ing.nice}")
+    if ing.idle_cores < 0:
+        raise UserError(f"config: ingest.idle_cores must be >= 0, got {ing.idle_cores}")
+    if ing.idle_wait_s < 0:
+        raise UserError(f"config: ingest.idle_wait_s must be >= 0, got {ing.idle_wait_s}")
     if ing.idle_backlog_mb < 0:
         raise UserError(f"config: ingest.idle_backlog_mb must be >= 0, got {ing.idle_backlog_mb}")
     if ing.threads == 0:

@@ -257,6 +257,7 @@ class _Components:
             base_cache_bytes=cfg.ingest.base_cache_mb * MiB,
             pco_level=cfg.ingest.pco_level,
             newest_keyframe=cfg.ingest.newest_keyframe,
+            idle_cores=cfg.ingest.idle_cores,
         )
         self.contents = FileContents(
             self.db,
@@ -305,12 +306,17 @@ class _Components:
                 nice=cfg.ingest.nice,
             )
         self.idle_backlog = cfg.ingest.idle_backlog_mb * MiB
+        self.idle_wait = cfg.ingest.idle_wait_s
         self.workers.urgent = self._urgent
 
     def _urgent(self) -> bool:
         """Encoding stops waiting for idle cores: at unmount, while someone waits for the store
-        (``flush``, a remote fsync), or when the staged backlog passes ``ingest.idle_backlog_mb``."""
+        (``flush``, a remote fsync), when a version has waited ``ingest.idle_wait_s`` (a trainer that
+        keeps every core busy must not hold back ``local`` and the upload for good), or when the staged
+        backlog passes ``ingest.idle_backlog_mb``."""
         if self.hurry or (self.uploader is not None and self.uploader.waiting):
+            return True
+        if self.ingester.oldest_wait() > self.idle_wait:
             return True
         return self.versions.staged_bytes() > self.idle_backlog
 

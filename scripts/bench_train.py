@@ -8,15 +8,17 @@ conditions, one after another within a repetition (the order rotates between rep
   none      no checkpoint at all (the reference)
   plain     into a plain directory on the same disk as the cache
   ckptfs    into a ckptfs mount (default config; tiering to a local directory)
-  niced     the same with ``ingest.idle = false``: encoding at nice 10 instead of SCHED_IDLE
+  niced     the scheduling before ``ingest.idle``: encoding at nice 10 instead of SCHED_IDLE, and
+            compaction whenever ingest is quiet (``ingest.idle_cores = 0``)
   reverse   into a ckptfs mount with ``ingest.newest_keyframe = true``
 
 The training loop's wall time includes the saves (what a synchronous trainer pays) and whatever the
 daemon's background work takes from it meanwhile. The daemon's work left when the loop ends is not
 in it; it is reported as the catch-up time (until ingest, compaction and uploads are done: work
 deferred to idle cores shows up there), and each mount is idle before its run starts. Prints
-per-condition seconds, catch-up and the loss (min / median / max over the ``--reps`` paired
-repetitions) and writes JSON.
+per-condition seconds, catch-up, the loss and each mount's time over the plain directory's in the
+same repetition (min / median / max over the ``--reps`` paired repetitions: on a noisy machine the
+ratio of two runs side by side moves less than either) and writes JSON.
 
     .venv/bin/python scripts/bench_train.py --reps 3 --json bench-train.json
 """
@@ -70,7 +72,7 @@ def main() -> int:
     env = {**os.environ, "CKPTFS_NODE_ID": "bench"}
     mounts = {
         "ckptfs": {},
-        "niced": {"CKPTFS_INGEST_IDLE": "false"},
+        "niced": {"CKPTFS_INGEST_IDLE": "false", "CKPTFS_INGEST_IDLE_CORES": "0"},
         "reverse": {"CKPTFS_INGEST_NEWEST_KEYFRAME": "true"},
     }
     for name, extra in mounts.items():
@@ -117,15 +119,21 @@ def main() -> int:
     print(f"\n{params / 1e6:.1f}M-parameter GPT (~{size / 1e6:.0f} MB state), {args.steps} steps, a save every"
           f" {args.every}, {args.reps} paired repetitions")
     print(f"{'condition':>9} | {'seconds (min / median / max)':>28} | {'catch-up s':>18} |"
-          " loss 1 - T_none / T (min / median / max)")
+          f" {'loss 1 - T_none / T (%)':>23} | T / T_plain (paired)")
+    results["vs_plain"] = {}
     for c in conditions:
         after = fmt(mmm(catch_up[c]), 1) if c in catch_up else "-"
         line = f"{c:>9} | {fmt(mmm(times[c]), 2):>28} | {after:>18} |"
+        loss = vs_plain = "-"
         if c != "none" and "none" in times:
             losses = [1 - n / t for n, t in zip(times["none"], times[c], strict=True)]
             results["loss"][c] = mmm(losses)
-            line += f" {fmt(mmm([x * 100 for x in losses]), 1)} %"
-        print(line)
+            loss = fmt(mmm([x * 100 for x in losses]), 1)
+        if c not in ("none", "plain") and "plain" in times:
+            ratios = [t / p for p, t in zip(times["plain"], times[c], strict=True)]
+            results["vs_plain"][c] = mmm(ratios)
+            vs_plain = fmt(mmm(ratios), 2)
+        print(f"{line} {loss:>23} | {vs_plain}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -5,9 +5,9 @@ a base or not), so ``close()`` to ``local`` stays quick. pcodec stores float key
 differences 2-5 % smaller on AdamW checkpoints and decodes faster, but encodes at half zstd-3's speed
 for fp32 and a quarter for bf16 — a cost for idle time, not for the window between two saves.
 
-New chunks wait in ``compact_queue``. Whenever no version is being written or waits for ingest, each
-queued chunk whose
-frame has whole 2/4/8-byte elements is encoded again with pcodec (of its difference to the base it
+New chunks wait in ``compact_queue``. Whenever no version is being written or waits for ingest and
+the other processes leave a core idle (``files.cpuload``: a CPU trainer keeps it waiting), each
+queued chunk whose frame has whole 2/4/8-byte elements is encoded again with pcodec (of its difference to the base it
 has now, or of its elements alone when a sample says that is smaller) and the frame is swapped
 (``files.swap``) if it is at least ``MIN_GAIN`` smaller. A delta may become a keyframe here; no chunk
 gets a new base, so chains only get shorter.
@@ -81,7 +81,7 @@ class Compactor:
         self.chunks = chunks
         self.workers = workers
         self.gate = gate
-        self.busy = busy  # True while a version is written or waits for ingest: they go first
+        self.busy = busy  # True while a version is written or waits for ingest, or no core is idle
         self.settings = settings
 
     async def run(self) -> None:

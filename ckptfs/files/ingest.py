@@ -51,6 +51,7 @@ from ckptfs.errors import CacheFull, FileChanged
 from ckptfs.files.chunks import ChunkIndex, SlotBase
 from ckptfs.files.compact import Compactor, CompactSettings
 from ckptfs.files.contents import FileContents
+from ckptfs.files.cpuload import CpuLoad
 from ckptfs.files.delta import choose_base, encode_piece
 from ckptfs.files.gate import Gate
 from ckptfs.files.lru import BytesLRU
@@ -78,6 +79,7 @@ class IngestSettings:
     base_cache_bytes: int = 512 * 1024 * 1024
     pco_level: int = 10
     newest_keyframe: bool = False
+    idle_cores: float = 0.5  # compaction and reverse deltas wait until others leave this many cores free
 
 
 # Writes this recent keep repack and compaction waiting (a checkpoint is being saved).
@@ -145,6 +147,7 @@ class Ingester:
         self.settings = settings
         self._send, self._recv = trio.open_memory_channel[tuple[InodeId, VersionId]](math.inf)
         self._queued: set[VersionId] = set()
+        self._queued_at: dict[VersionId, float] = {}  # time.monotonic() of the first submit while queued
         self._again: set[VersionId] = set()
         self._idle = trio.Event()
         self._idle.set()
@@ -153,9 +156,12 @@ class Ingester:
         self.repacker = Repacker(
             chunks, workers, self.gate, self.busy, RepackSettings(settings.max_chain, settings.zstd_level)
         )
-        self.compactor = Compactor(chunks, workers, self.gate, self.busy, CompactSettings(settings.pco_level))
+        self.load = CpuLoad()
+        self.compactor = Compactor(chunks, workers, self.gate, self.no_idle_core, CompactSettings(settings.pco_level))
         self.reverser = (
-            Reverser(chunks, workers, self.gate, self.busy, ReverseSettings(settings.max_chain, settings.zstd_level))
+            Reverser(
+                chunks, workers, self.gate, self.no_idle_core, ReverseSettings(settings.max_chain, settings.zstd_level)
+            )
             if settings.newest_keyframe and settings.max_chain
             else None
         )
@@ -167,18 +173,28 @@ class Ingester:
         nothing is re-encoded then."""
         return self.health.failsafe or self.pending > 0 or time.monotonic() - self.contents.last_write < _QUIET_S
 
+    def no_idle_core(self) -> bool:
+        """``busy``, or the other processes leave less than ``idle_cores`` cores free (a trainer on
+        the CPU): the optional re-encodings (compaction, reverse deltas) wait for real idle time."""
+        return self.busy() or self.load.free_cores() < self.settings.idle_cores
+
     def submit(self, inode: InodeId, vid: VersionId) -> None:
         """Queue a sealed version (idempotent while queued). No checkpoint; callable from any trio task."""
         if vid in self._queued:
             self._again.add(vid)  # sealed again while queued or running: run once more afterwards
             return
         self._queued.add(vid)
+        self._queued_at.setdefault(vid, time.monotonic())
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._send.send_nowait((inode, vid))
 
     @property
     def pending(self) -> int:
         return len(self._queued)
+
+    def oldest_wait(self) -> float:
+        """Seconds the longest-queued version has waited for (or been in) ingest; 0 when none is."""
+        return time.monotonic() - min(self._queued_at.values()) if self._queued_at else 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the worker tasks until cancelled."""
@@ -233,6 +249,7 @@ class Ingester:
                 self.health.trip(f"ingest of version {vid} failed unexpectedly", exc)
             finally:
                 self._queued.discard(vid)
+                self._queued_at.pop(vid, None)
                 if vid in self._again:
                     self._again.discard(vid)
                     self.submit(inode, vid)

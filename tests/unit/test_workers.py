@@ -54,3 +54,31 @@ def test_idle_work_is_not_abandoned_by_a_cancel():
         assert done == [1]  # the cancel waited for the call
 
     trio.run(main)
+
+
+def test_cpu_load_counts_other_processes_busy_cores_over_a_window():
+    from ckptfs.files.cpuload import CpuLoad
+
+    now = [0.0]
+    stat = [(0, 0)]  # (busy, total) ticks of all CPUs
+    own = [0]
+    load = CpuLoad(cores=2, window_s=0.5, proc_stat=lambda: stat[0], own_ticks=lambda: own[0], clock=lambda: now[0])
+    assert load.others_busy() == 0.0  # no window yet
+    now[0], stat[0], own[0] = 1.0, (150, 200), 20  # 1 s = 100 ticks per CPU: 150 busy, 20 of them ours
+    assert load.others_busy() == 1.3
+    assert load.free_cores() == 0.7
+    now[0], stat[0] = 1.2, (350, 240)  # within the window: the last value stands
+    assert load.others_busy() == 1.3
+    now[0], stat[0], own[0] = 2.0, (160, 400), 30  # only we were busy
+    assert load.others_busy() == 0.0
+    load = CpuLoad(cores=2, proc_stat=lambda: (_ for _ in ()).throw(OSError("no /proc")))
+    assert load.others_busy() == 0.0  # unreadable: nothing ever waits
+
+
+def test_cpu_load_reads_this_machine():
+    from ckptfs.files.cpuload import CpuLoad
+
+    load = CpuLoad(window_s=0.0)
+    load.others_busy()
+    sum(i * i for i in range(200_000))  # our own work is not "others"
+    assert 0.0 <= load.others_busy() <= load.cores
