@@ -307,9 +307,9 @@ class _Components:
             )
         self.idle_backlog = cfg.ingest.idle_backlog_mb * MiB
         self.idle_wait = cfg.ingest.idle_wait_s
-        self.workers.urgent = self._urgent
+        self.workers.urgent = self.encoding_urgent
 
-    def _urgent(self) -> bool:
+    def encoding_urgent(self) -> bool:
         """Encoding stops waiting for idle cores: at unmount, while someone waits for the store
         (``flush``, a remote fsync), when a version has waited ``ingest.idle_wait_s`` (a trainer that
         keeps every core busy must not hold back ``local`` and the upload for good), or when the staged
@@ -436,6 +436,10 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
             "read_bytes": c.reader.request_bytes,
         },
         "ingest_pending": c.ingester.pending,
+        "ingest_oldest_wait_s": round(c.ingester.oldest_wait(), 1),
+        # where encoding runs now: "idle cores" (SCHED_IDLE), "nice" (idle off, or urgent: see encoding_urgent)
+        "encoding": "idle cores" if c.workers.idle and not c.encoding_urgent() else "nice",
+        "others_busy_cores": round(c.ingester.load.others_busy(), 2),
         "refresh": None
         if c.refresher is None
         else {"paths_changed": c.refresher.applied, "last_error": c.refresher.last_error},

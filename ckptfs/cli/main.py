@@ -257,7 +257,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"cache      {_human(cache['chunk_bytes'])} in {cache['chunks']} chunks, {_human(cache['staged_bytes'])}"
         f" staged in {plural(cache['staged_versions'], 'version')}; {_human(cache['disk_free_bytes'])} free"
     )
-    print(f"ingest     {plural(st['ingest_pending'], 'version')} waiting")
+    waited = f", the oldest for {st['ingest_oldest_wait_s']:.0f} s" if st["ingest_pending"] else ""
+    print(
+        f"ingest     {plural(st['ingest_pending'], 'version')} waiting{waited}; encoding on {st['encoding']}"
+        f" (other processes keep {st['others_busy_cores']:.1f} cores busy);"
+        f" {plural(st['compaction_pending'], 'chunk')} to compact"
+    )
     if up is None:
         print("upload     disabled (upload.enabled = false)")
         return 0

@@ -176,7 +176,8 @@ class Ingester:
     def no_idle_core(self) -> bool:
         """``busy``, or the other processes leave less than ``idle_cores`` cores free (a trainer on
         the CPU): the optional re-encodings (compaction, reverse deltas) wait for real idle time."""
-        return self.busy() or self.load.free_cores() < self.settings.idle_cores
+        no_core = self.load.free_cores() < self.settings.idle_cores  # first: it keeps the load sampled
+        return self.busy() or no_core
 
     def submit(self, inode: InodeId, vid: VersionId) -> None:
         """Queue a sealed version (idempotent while queued). No checkpoint; callable from any trio task."""

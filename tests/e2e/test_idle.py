@@ -3,6 +3,7 @@ other processes, compaction waits and ingest waits no longer than ``ingest.idle_
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -68,6 +69,9 @@ def test_ingest_waits_for_idle_cores_at_most_idle_wait_s(mount_factory, wait_s):
         else:
             time.sleep(15)
             assert m.state("a.pt") == "staged"
+            st = json.loads(m.cli("status", "--json", str(m.mnt)).stdout)
+            assert st["encoding"] == "idle cores" and st["ingest_pending"] == 1, st
+            assert st["ingest_oldest_wait_s"] >= 10 and st["others_busy_cores"] >= 1, st
     finally:
         _stop(burners)
     m.wait_local("a.pt", timeout=90)
