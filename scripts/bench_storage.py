@@ -7,7 +7,9 @@ Series (each written through a fresh ckptfs mount with plain torch.save / safete
   frozen-adapters   frozen base, small trainable adapters; model + optimizer per step file
   latest-overwrite  fp32 fine-tuning, one path latest.pt overwritten each time
   hf-rotation       checkpoint-N/model.safetensors + optimizer.pt, oldest directory deleted (save_total_limit=2)
-Each save is ingested before the next one (a trainer saving every few minutes). Baselines, computed
+``--arrival paced`` (the default): each save is ingested before the next one (a trainer saving every
+few minutes); ``back-to-back``: the saves follow each other as fast as they are written, faster than
+ingest; ``both``: each series both ways, side by side (the stored bytes should be the same). Baselines, computed
 on the bytes of every version written: zstd-3 per file; byte-grouped zstd-3 per
 tensor (the ZipNN approach); per-tensor XOR against the previous checkpoint + byte-grouped zstd-3
 (the naive delta). ckptfs keeps what the paths hold at the end plus the bases they need.
@@ -107,14 +109,24 @@ class Baselines:
 
 
 def write_series(
-    args, series: str, mnt: Path, base: Baselines, daemon: int
+    args, series: str, mnt: Path, base: Baselines, daemon: int, paced: bool = True
 ) -> tuple[int, float, float, list[tuple[Path, bytes]]]:
     """Write one series into the mount; return logical bytes, seconds from close to ingested, CPU seconds
-    the daemon spent in those windows, the files that remain."""
+    the daemon spent in those windows, the files that remain. ``paced``: wait for each save's ingest
+    before the next; else train first and save every state back to back (seconds and CPU then count
+    from the first save to the last one's ingest)."""
     logical = 0
     ingesting = cpu = 0.0
     kept: dict[Path, bytes] = {}
-    for step, state in train_states(args, series):
+
+    def wait_local(paths: list[Path]) -> float:
+        return _wait_local(paths) if paced else 0.0
+
+    states = train_states(args, series)
+    if not paced:  # train first, then save as fast as the mount takes it: faster than ingest
+        states = iter(list(states))
+        t0, c0 = time.perf_counter(), cpu_seconds(daemon)
+    for step, state in states:
         if series == "hf-rotation":
             from safetensors.torch import save as st_save
 
@@ -154,6 +166,9 @@ def write_series(
         for p, b in files.items():
             logical += len(b)
             kept[p] = b
+    if not paced:  # from the first save to the last one's ingest: sustained throughput
+        _wait_local(list(kept))
+        ingesting, cpu = time.perf_counter() - t0, cpu_seconds(daemon) - c0
     return logical, ingesting, cpu, list(kept.items())
 
 
@@ -176,7 +191,7 @@ def wait_settled(db_path: Path, timeout: float = 600) -> None:
         db.close()
 
 
-def wait_local(paths: list[Path]) -> float:
+def _wait_local(paths: list[Path]) -> float:
     """Seconds until every path is ingested (counted from the call, i.e. from the last close).
 
     Polls every 25 ms: each poll is a FUSE getxattr that the daemon answers, and at 10 ms the polls
@@ -201,8 +216,10 @@ def main() -> int:
     ap.add_argument("--series", default=",".join(SERIES))
     ap.add_argument("--max-chain", type=int, default=None, help="override ingest.max_chain")
     ap.add_argument("--pco-level", type=int, default=None, help="override ingest.pco_level")
+    ap.add_argument("--arrival", choices=("paced", "back-to-back", "both"), default="paced")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    arrivals = ["paced", "back-to-back"] if args.arrival == "both" else [args.arrival]
     ck = [sys.executable, "-m", "ckptfs"]
     env = {**os.environ}
     if args.max_chain is not None:
@@ -211,7 +228,7 @@ def main() -> int:
         env["CKPTFS_INGEST_PCO_LEVEL"] = str(args.pco_level)
     params = sum(p.numel() for p in GPT(args.vocab, args.d_model, args.layers, args.ctx).parameters())
     rows = []
-    for series in args.series.split(","):
+    for series, arrival in [(s, a) for s in args.series.split(",") for a in arrivals]:
         work = Path(tempfile.mkdtemp(prefix="ckptfs-storage-", dir="/var/tmp"))
         mnt = work / "mnt"
         mnt.mkdir()
@@ -220,7 +237,7 @@ def main() -> int:
         try:
             base = Baselines()
             daemon = int((work / "cache" / "ckptfs.pid").read_text())
-            logical, ingest_s, ingest_cpu, kept = write_series(args, series, mnt, base, daemon)
+            logical, ingest_s, ingest_cpu, kept = write_series(args, series, mnt, base, daemon, arrival == "paced")
             wait_settled(work / "cache" / "meta.db")
             subprocess.run([*ck, "umount", str(mnt)], check=True, capture_output=True)
             subprocess.run([*ck, "mount", "--cache", str(work / "cache"), "--store", f"file://{work}/store",
@@ -238,24 +255,25 @@ def main() -> int:
             subprocess.run([*ck, "umount", str(mnt)], check=False, capture_output=True)
             shutil.rmtree(work, ignore_errors=True)
         rows.append({
-            "series": series, "logical": logical, "ckptfs": st["stored_bytes"], "zstd3": base.zstd,
+            "series": series, "arrival": arrival, "logical": logical, "ckptfs": st["stored_bytes"], "zstd3": base.zstd,
             "grouped": base.grouped, "naive_delta": base.delta, "ckptfs_vs_naive": st["stored_bytes"] / base.delta,
             "ingest_MBps": logical / 1e6 / ingest_s,
             "ingest_MB_per_cpu_s": logical / 1e6 / ingest_cpu, "read_MBps": read_mbps, "bit_exact": True,
         })
         r = rows[-1]
-        print(f"{series}: logical {logical / 1e6:.0f} MB, ckptfs {r['ckptfs'] / 1e6:.1f} MB", flush=True)
+        print(f"{series} ({arrival}): logical {logical / 1e6:.0f} MB, ckptfs {r['ckptfs'] / 1e6:.1f} MB", flush=True)
     print(f"\n{params / 1e6:.1f}M-parameter GPT, {args.versions} versions x {args.steps} steps;"
           " MB stored (ratio to logical);"
           f" ingest on {max(1, (os.cpu_count() or 2) - 1)} worker thread(s), close -> local")
-    print(f"{'series':<18} {'logical':>8} {'ckptfs':>14} {'zstd-3':>14} {'grouped':>14} {'naive delta':>14}"
-          f" {'ck/naive':>8} {'ingest MB/s':>11} {'MB/cpu-s':>8} {'read MB/s':>9}")
+    print(f"{'series':<18} {'arrival':<12} {'logical':>8} {'ckptfs':>14} {'zstd-3':>14} {'grouped':>14}"
+          f" {'naive delta':>14} {'ck/naive':>8} {'ingest MB/s':>11} {'MB/cpu-s':>8} {'read MB/s':>9}")
     def cell(r: dict, n: int) -> str:
         return f"{n / 1e6:.1f} ({r['logical'] / n:.2f}x)"
 
     for r in rows:
-        print(f"{r['series']:<18} {r['logical'] / 1e6:>8.1f} {cell(r, r['ckptfs']):>14} {cell(r, r['zstd3']):>14}"
-              f" {cell(r, r['grouped']):>14} {cell(r, r['naive_delta']):>14} {r['ckptfs_vs_naive']:>8.2f}"
+        print(f"{r['series']:<18} {r['arrival']:<12} {r['logical'] / 1e6:>8.1f} {cell(r, r['ckptfs']):>14}"
+              f" {cell(r, r['zstd3']):>14} {cell(r, r['grouped']):>14} {cell(r, r['naive_delta']):>14}"
+              f" {r['ckptfs_vs_naive']:>8.2f}"
               f" {r['ingest_MBps']:>11.0f} {r['ingest_MB_per_cpu_s']:>8.0f} {r['read_MBps']:>9.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"params": params, "args": vars(args), "rows": rows}, indent=2))

@@ -151,6 +151,7 @@ class Ingester:
         self._again: set[VersionId] = set()
         self._idle = trio.Event()
         self._idle.set()
+        self._layout_turns: dict[str, trio.Event] = {}  # layout signature -> the latest job's "done"
         self.bases = BytesLRU(settings.base_cache_bytes, keep_last=False)  # plain bytes of likely bases
         self.gate = Gate()  # ingest jobs share it; a repack of a delta tree takes it alone
         self.repacker = Repacker(
@@ -269,12 +270,23 @@ class Ingester:
         fd, size, gen = snap
         started = time.monotonic()
         pinned: list[ChunkId] = []
+        turn: trio.Event | None = None
+        signature: str | None = None
         try:
             s = self.settings
             positional = self._positional_key(inode, size)
             layout, signature, pieces = await self.workers.run_background(
                 plan_file, fd, size, s.piece_size, s.cdc_avg, positional
             )
+            if signature:
+                # Versions of one layout are ingested in the order they were planned: each is coded
+                # against the one before, whether it arrived minutes later or while that one was still
+                # being ingested (back-to-back saves would otherwise get keyframes, or bases two
+                # versions old, and store more).
+                before = self._layout_turns.get(signature)
+                turn = self._layout_turns[signature] = trio.Event()
+                if before is not None:
+                    await before.wait()
             slot_map = self.chunks.slot_bases(signature) if signature else {}
             results: dict[int, ChunkId] = {}
             new_chunks: list[ChunkId] = []
@@ -377,6 +389,10 @@ class Ingester:
                 time.monotonic() - started,
             )
         finally:
+            if turn is not None and signature:
+                turn.set()
+                if self._layout_turns.get(signature) is turn:
+                    del self._layout_turns[signature]
             os.close(fd)
             self.chunks.unpin(pinned)
             self.chunks.collect(set(pinned))

@@ -174,3 +174,25 @@ def test_dcp_shards_get_positional_delta(mount):
     out = {"w": torch.empty(1024, 1024), "b": torch.empty(1024)}
     dcp.load(out, checkpoint_id=str(mount.path("step_300")))
     assert_state_equal(snapshots[2], out)
+
+
+def test_back_to_back_saves_are_each_coded_against_the_one_before(mount_factory):
+    """Saves that arrive faster than ingest (no wait in between) are ingested in order per layout: each
+    version's bases come from the version right before it, as when each save is ingested before the
+    next, and they store what a paced series of the same kind stores (within 3 %)."""
+    mount = mount_factory(env={"CKPTFS_INGEST_PCO_LEVEL": "0"})  # compaction would run at other times
+    mount.path("paced").mkdir()
+    mount.path("fast").mkdir()
+    for i, state in enumerate(train_series(5, seed=0)):
+        torch.save(state, mount.path(f"paced/step_{i}.pt"))
+        mount.wait_local(f"paced/step_{i}.pt")
+    for i, state in enumerate(train_series(5, seed=1)):  # another run of the same model, back to back
+        torch.save(state, mount.path(f"fast/step_{i}.pt"))
+    mount.wait_local(*[f"fast/step_{i}.pt" for i in range(5)])
+    vs = versions(mount)
+    for kind in ("paced", "fast"):
+        for i in range(1, 5):
+            v = vs[f"{kind}/step_{i}.pt"]
+            assert v["base_path"] == f"{kind}/step_{i - 1}.pt", (kind, i, v)
+    stored = {k: sum(vs[f"{k}/step_{i}.pt"]["stored"] for i in range(1, 5)) for k in ("paced", "fast")}
+    assert abs(stored["fast"] - stored["paced"]) <= 0.03 * stored["paced"], stored
