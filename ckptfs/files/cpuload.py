@@ -1,8 +1,9 @@
 """How many cores the rest of the machine keeps busy: the signal for work that can wait for real idle.
 
 ``SCHED_IDLE`` (``files.workers``) keeps background threads off a core the trainer wants, but not
-out of the caches, the memory bus or a core's SMT sibling: measured on a 2-core machine, pcodec
-compaction on "idle" cores still cost a CPU trainer a quarter of its throughput. Compaction is an
+out of the caches, the memory bus or a core's SMT sibling: measured on a 2-core machine with
+``scripts/bench_train.py``, a CPU trainer still lost 30 % of its throughput (median) with compaction
+on SCHED_IDLE threads, 11 % once compaction waited for this signal. Compaction is an
 optimisation, so it waits until the others leave a core free. From ``/proc/stat`` (every process's
 CPU time) minus this process's own (``/proc/self/stat``), over the time since the previous look.
 """
