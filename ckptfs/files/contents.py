@@ -129,6 +129,11 @@ class FileContents:
         act = self.active.get(inode)
         return act is not None and act.writers > 0
 
+    def undurable(self, inode: InodeId) -> bool:
+        """Does the inode show a staged version that a power cut would not bring back?"""
+        act = self.active.get(inode)
+        return act is not None and not act.durable
+
     def state(self, inode: InodeId) -> VersionState | None:
         """``staged`` until the version's ``local`` commit is durable, then ``local``."""
         if inode in self.active or inode in self._syncing:

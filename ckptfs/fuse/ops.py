@@ -206,6 +206,14 @@ class Operations(pyfuse3.Operations):
         flags: FlagT,
         ctx: RequestContext,
     ) -> None:
+        if not flags & pyfuse3.RENAME_NOREPLACE:
+            await self.tree.durable_before_replace(
+                InodeId(parent_inode_old),
+                bytes(name_old),
+                InodeId(parent_inode_new),
+                bytes(name_new),
+                exchange=bool(flags & pyfuse3.RENAME_EXCHANGE),
+            )
         self.tree.rename(
             InodeId(parent_inode_old),
             bytes(name_old),

@@ -415,6 +415,20 @@ class Tree:
 
     # -- rename --------------------------------------------------------------------------------
 
+    async def durable_before_replace(
+        self, p_old: InodeId, n_old: bytes, p_new: InodeId, n_new: bytes, exchange: bool
+    ) -> None:
+        """Before a rename replaces a regular file: make the replacing file's staged content durable
+        (fsync + mark; may await), as ext4's ``auto_da_alloc`` does for the tmp + rename pattern.
+        Otherwise a power cut after the rename's commit shows neither the old content (its inode is
+        gone with the rename) nor the new one (never durable): the path would lose a durable version."""
+        src, dst = self._child(p_old, n_old), self._child(p_new, n_new)
+        if src is None or dst is None or src == dst or not stat.S_ISREG(self.getattr(dst).mode):
+            return
+        for ino in (src, dst) if exchange else (src,):
+            if self.contents.undurable(ino):
+                await self.contents.fsync(ino)
+
     def rename(
         self, p_old: InodeId, n_old: bytes, p_new: InodeId, n_new: bytes, noreplace: bool, exchange: bool
     ) -> None:
