@@ -38,6 +38,14 @@ class _Recorder:
         copy.close()
         self.snapshots.append(dest)
 
+    def run(self, operation) -> None:
+        """``trio.run(operation)``, recording every commit it makes."""
+        self.on = True
+        try:
+            trio.run(operation)
+        finally:
+            self.on = False
+
 
 @pytest.fixture
 def recorder(tmp_path, monkeypatch) -> _Recorder:
@@ -78,8 +86,8 @@ def _reboot_on(
     ``synced`` holds them (name -> the bytes fsync'd); every other one gone, or (``unsynced_kept``) as
     the end of the operation left it — the disk wrote it back on its own, the metadata did not follow."""
     shutil.copytree(cache, into, ignore=shutil.ignore_patterns("meta.db*", "*.lock"))
-    for staged in (into / "staging").iterdir():
-        if not unsynced_kept:
+    if not unsynced_kept:
+        for staged in (into / "staging").iterdir():
             staged.unlink()
     for name, data in (synced or {}).items():
         (into / "staging" / name).write_bytes(data)
@@ -88,6 +96,26 @@ def _reboot_on(
     c = _Components(_cfg(into))
     _recover(c)
     return c
+
+
+def _first_mount(cache: Path, monkeypatch) -> _Components:
+    """A fresh cache, recovered as the daemon does before serving (boot ``boot-0``)."""
+    monkeypatch.setenv("CKPTFS_BOOT_ID", "boot-0")
+    c = _Components(_cfg(cache))
+    _recover(c)
+    return c
+
+
+async def _create(
+    c: _Components, name: bytes, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT, fsync: bool = False
+) -> None:
+    """create + write ``data`` (if any) + (fsync) + close, through the tree as the FUSE handlers call it."""
+    fh, _ = await c.tree.create(ROOT, name, 0o644, flags, os.getuid(), os.getgid())
+    if data:
+        await c.tree.write(fh, 0, data)
+    if fsync:
+        await c.tree.fsync(fh)
+    c.tree.release(fh)
 
 
 def _staging(cache: Path) -> dict[str, bytes]:
@@ -119,19 +147,10 @@ def test_a_new_file_that_never_became_durable_is_never_at_its_path_after_a_power
 ):
     """create + write + close, no fsync, no durable mark: after a cut at any commit the file is gone
     or in /lost+found — never an empty file at its path that was never a version of it."""
-    monkeypatch.setenv("CKPTFS_BOOT_ID", "boot-0")
     cache = tmp_path / "cache"
-    c = _Components(_cfg(cache))
-    _recover(c)
+    c = _first_mount(cache, monkeypatch)
 
-    async def save() -> None:
-        fh, attr = await c.tree.create(ROOT, b"new.pt", 0o644, flags, os.getuid(), os.getgid())
-        await c.tree.write(fh, 0, b"x" * 5000)
-        c.tree.release(fh)
-
-    recorder.on = True
-    trio.run(save)
-    recorder.on = False
+    recorder.run(lambda: _create(c, b"new.pt", b"x" * 5000, flags))
     assert len(recorder.snapshots) >= 2  # the creation and the seal at least
     for i, snap in enumerate(recorder.snapshots):
         after = _reboot_on(snap, cache, tmp_path / f"cut-{i}", monkeypatch, unsynced_kept=unsynced == "kept")
@@ -146,18 +165,10 @@ def test_a_new_file_that_never_became_durable_is_never_at_its_path_after_a_power
 def test_a_durable_empty_file_stays_after_a_power_cut(tmp_path, monkeypatch, recorder):
     """The other side: created and closed without a write, the file is durably empty at its seal (there
     are no bytes to lose) — a cut after that commit keeps it at its path."""
-    monkeypatch.setenv("CKPTFS_BOOT_ID", "boot-0")
     cache = tmp_path / "cache"
-    c = _Components(_cfg(cache))
-    _recover(c)
+    c = _first_mount(cache, monkeypatch)
 
-    async def touch() -> None:
-        fh, _ = await c.tree.create(ROOT, b"empty", 0o644, os.O_WRONLY | os.O_CREAT, os.getuid(), os.getgid())
-        c.tree.release(fh)
-
-    recorder.on = True
-    trio.run(touch)
-    recorder.on = False
+    recorder.run(lambda: _create(c, b"empty", b""))
     after = _reboot_on(recorder.snapshots[-1], cache, tmp_path / "cut", monkeypatch)
     assert after.tree.lookup(ROOT, b"empty").size == 0
     assert LOST_FOUND not in _names(after, ROOT)
@@ -170,17 +181,9 @@ def test_a_rewrite_that_never_became_durable_goes_back_to_the_durable_version(
 ):
     """v1 made durable by fsync; then rewritten (O_TRUNC, or in place: a copy, then changed) and closed
     without an fsync: after a cut at any commit of the rewrite the path reads v1, whole."""
-    monkeypatch.setenv("CKPTFS_BOOT_ID", "boot-0")
     cache = tmp_path / "cache"
-    c = _Components(_cfg(cache))
-    _recover(c)
+    c = _first_mount(cache, monkeypatch)
     v1, v2 = b"one" * 3000, b"two" * 2000
-
-    async def first() -> None:
-        fh, _ = await c.tree.create(ROOT, b"ck.pt", 0o644, os.O_WRONLY | os.O_CREAT, os.getuid(), os.getgid())
-        await c.tree.write(fh, 0, v1)
-        await c.tree.fsync(fh)
-        c.tree.release(fh)
 
     async def rewrite() -> None:
         ino = c.tree.lookup(ROOT, b"ck.pt").ino
@@ -188,12 +191,10 @@ def test_a_rewrite_that_never_became_durable_goes_back_to_the_durable_version(
         await c.tree.write(fh, 100, v2)
         c.tree.release(fh)
 
-    trio.run(first)
+    trio.run(lambda: _create(c, b"ck.pt", v1, fsync=True))
     synced = _staging(cache)  # v1's staging file, as its fsync left it
     assert list(synced.values()) == [v1]
-    recorder.on = True
-    trio.run(rewrite)
-    recorder.on = False
+    recorder.run(rewrite)
     assert len(recorder.snapshots) >= 2
     for i, snap in enumerate(recorder.snapshots):
         after = _reboot_on(snap, cache, tmp_path / f"cut-{i}", monkeypatch, synced, unsynced == "kept")
@@ -209,29 +210,17 @@ def test_a_file_replaced_by_rename_shows_the_old_or_the_new_content_after_a_powe
     """tmp + rename over a durable file (torch.save to a temporary name, then os.replace), no fsync:
     after a cut at any commit the path reads the old content or the new one, whole — never neither
     (the old inode goes with the rename, so the new one must be durable before the rename is)."""
-    monkeypatch.setenv("CKPTFS_BOOT_ID", "boot-0")
     cache = tmp_path / "cache"
-    c = _Components(_cfg(cache))
-    _recover(c)
+    c = _first_mount(cache, monkeypatch)
     v1, v2 = b"one" * 3000, b"two" * 2000
 
-    async def first() -> None:
-        fh, _ = await c.tree.create(ROOT, b"ck.pt", 0o644, os.O_WRONLY | os.O_CREAT, os.getuid(), os.getgid())
-        await c.tree.write(fh, 0, v1)
-        await c.tree.fsync(fh)
-        c.tree.release(fh)
-
     async def replace() -> None:
-        fh, _ = await c.tree.create(ROOT, b"ck.tmp", 0o644, os.O_WRONLY | os.O_CREAT, os.getuid(), os.getgid())
-        await c.tree.write(fh, 0, v2)
-        c.tree.release(fh)
+        await _create(c, b"ck.tmp", v2)
         await c.tree.durable_before_replace(ROOT, b"ck.tmp", ROOT, b"ck.pt", exchange)  # as fuse.ops does
         c.tree.rename(ROOT, b"ck.tmp", ROOT, b"ck.pt", noreplace=False, exchange=exchange)
 
-    trio.run(first)
-    recorder.on = True
-    trio.run(replace)
-    recorder.on = False
+    trio.run(lambda: _create(c, b"ck.pt", v1, fsync=True))
+    recorder.run(replace)
     synced = _staging(cache)  # what the fsyncs left: v1, and v2 once the rename made it durable
     seen = set()
     for i, snap in enumerate(recorder.snapshots):
