@@ -99,9 +99,4 @@ class Workers:
 
     async def run_foreground(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a normal-priority worker thread (reads a user waits for)."""
-
-        def call() -> T:
-            _set_nice(0)
-            return fn(*args)
-
-        return await trio.to_thread.run_sync(call, limiter=self.foreground)
+        return await run_niced(self.foreground, 0, fn, *args)
