@@ -146,8 +146,7 @@ class Ingester:
         self.workers = workers
         self.settings = settings
         self._send, self._recv = trio.open_memory_channel[tuple[InodeId, VersionId]](math.inf)
-        self._queued: set[VersionId] = set()
-        self._queued_at: dict[VersionId, float] = {}  # time.monotonic() of the first submit while queued
+        self._queued: dict[VersionId, float] = {}  # queued or running -> time.monotonic() of its submit
         self._again: set[VersionId] = set()
         self._idle = trio.Event()
         self._idle.set()
@@ -185,8 +184,7 @@ class Ingester:
         if vid in self._queued:
             self._again.add(vid)  # sealed again while queued or running: run once more afterwards
             return
-        self._queued.add(vid)
-        self._queued_at.setdefault(vid, time.monotonic())
+        self._queued[vid] = time.monotonic()
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._send.send_nowait((inode, vid))
 
@@ -196,7 +194,7 @@ class Ingester:
 
     def oldest_wait(self) -> float:
         """Seconds the longest-queued version has waited for (or been in) ingest; 0 when none is."""
-        return time.monotonic() - min(self._queued_at.values()) if self._queued_at else 0.0
+        return time.monotonic() - min(self._queued.values()) if self._queued else 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the worker tasks until cancelled."""
@@ -250,8 +248,7 @@ class Ingester:
             except Exception as exc:
                 self.health.trip(f"ingest of version {vid} failed unexpectedly", exc)
             finally:
-                self._queued.discard(vid)
-                self._queued_at.pop(vid, None)
+                self._queued.pop(vid, None)
                 if vid in self._again:
                     self._again.discard(vid)
                     self.submit(inode, vid)
