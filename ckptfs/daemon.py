@@ -42,6 +42,8 @@ from ckptfs.files import (
     StagingArea,
     Workers,
 )
+from ckptfs.files.flat import FlatCopies
+from ckptfs.files.flatten import Flattener, FlattenSettings
 from ckptfs.files.ingest import IngestSettings
 from ckptfs.fsutil import fsync_dir
 from ckptfs.fuse import Operations
@@ -233,6 +235,12 @@ class _Components:
         self.hurry = False  # unmounting: the drain has a deadline, idle cores or not
         self.chunks = ChunkIndex(self.db, self.cache)
         self.reader = ChunkReader(self.db, self.cache, self.workers, cfg.cache.decoded_cache_mb * MiB)
+        self.flat: FlatCopies | None = None
+        if cfg.ingest.flat_newest and cfg.ingest.max_chain:
+            # (stops at the whole reserve, before ingest at half of it)
+            store = ChunkCache(cache_dir, cfg.cache.reserve_mb * MiB, cfg.cache.direct_io, folder="flat")
+            store.sweep_tmp()
+            self.reader.flat = self.flat = FlatCopies(store)
         self.staging = StagingArea(cache_dir)
         healthy = self._healthy
         self.reclaimer = Reclaimer(self.db, self.chunks, self.staging, self.workers, healthy)
@@ -281,6 +289,20 @@ class _Components:
             cfg.cache.reserve_mb * MiB * 2,
             self.versions.staged_bytes,
             healthy,
+            self.flat,
+        )
+        self.flattener = (
+            None
+            if self.flat is None
+            else Flattener(
+                self.db,
+                self.cache,
+                self.flat,
+                self.workers,
+                self.ingester.no_idle_core,
+                self.evictor.room,
+                FlattenSettings(cfg.ingest.zstd_level),
+            )
         )
         self.store = open_store(cfg.store.url, cfg.s3, cfg.upload.concurrency)
         self.cache.remote = RemoteFrames(self.db.path, self.store)  # cold reads, and healing corrupt frames
@@ -434,6 +456,9 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
             "decoded_cap_bytes": c.reader.decoded.capacity,
             "read_requests": c.reader.requests,
             "read_bytes": c.reader.request_bytes,
+            "flat_copies": len(c.flat.ids) if c.flat else 0,
+            "flat_bytes": c.flat.size if c.flat else 0,
+            "flat_reads": c.flat.reads if c.flat else 0,
         },
         "ingest_pending": c.ingester.pending,
         "ingest_oldest_wait_s": round(c.ingester.oldest_wait(), 1),
@@ -444,6 +469,7 @@ def _status(cfg: Config, c: _Components) -> dict[str, object]:
         if c.refresher is None
         else {"paths_changed": c.refresher.applied, "last_error": c.refresher.last_error},
         "compaction_pending": int(c.db.one("SELECT count(*) FROM compact_queue")[0]),  # type: ignore[index]
+        "flatten_pending": c.flattener.pending if c.flattener else 0,
     }
 
 
@@ -503,6 +529,8 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
             if c.refresher is not None:
                 nursery.start_soon(guarded, c.health, "the refresh from other nodes", c.refresher.run)
             nursery.start_soon(guarded, c.health, "the cache evictor", c.evictor.run)
+            if c.flattener is not None:
+                nursery.start_soon(guarded, c.health, "flat copies of the newest checkpoints", c.flattener.run)
             await nursery.start(c.reader.run)
             control = ControlServer(cfg.cache.dir, c.uploader, lambda: _status(cfg, c), c.db, c.cache)
             await nursery.start(control.run)

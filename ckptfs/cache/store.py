@@ -93,16 +93,17 @@ class ChunkCache:
         direct_io: bool = True,
         db_path: str | Path | None = None,
         read_only: bool = False,
+        folder: str = "chunks",
     ) -> None:
-        self.root = Path(root) / "chunks"
+        self.root = Path(root) / folder  # ``flat``: the keyframe copies of ``files.flatten``
         self.min_free = min_free  # put() leaves at least this much free space for metadata
         if not read_only:  # read_only (``ckptfs fsck``): creates nothing, probes nothing
             made = not self.root.is_dir()
             for i in range(256):
                 (self.root / f"{i:02x}").mkdir(mode=0o700, parents=True, exist_ok=True)
             if made:  # else a power cut could lose the folders, and with them chunks whose files were synced
-                for folder in (self.root, self.root.parent):
-                    fsync_dir(folder)
+                for made_in in (self.root, self.root.parent):
+                    fsync_dir(made_in)
         self._direct = not read_only and direct_io and _supports_direct(self.root / "00")
         self._aligned = _AlignedBuffer()
         self._frames = None if db_path is None else _FrameReader(Path(db_path))

@@ -1,6 +1,7 @@
 """The bounded cache: when the chunk files and staged bytes pass ``cache.max_gb`` / ``cache.max_percent``
-(or the cache disk runs low), delete the local files of chunks whose current frame is in the store,
-least recently read first, until usage is back under 90 % of the cap.
+(or the cache disk runs low), drop every flat copy of the newest chunks (``files.flatten``: a speed-up,
+never the only copy of anything), then delete the local files of chunks whose current frame is in the
+store, least recently read first, until usage is back under 90 % of the cap.
 
 What may go (docs/architecture.md, "Eviction and cold reads"): a chunk whose row says where its current
 frame is in the store (``chunks.remote``), made durable first (a WAL fsync, so a power cut cannot
@@ -24,6 +25,7 @@ import trio
 from ckptfs.cache import ChunkCache
 from ckptfs.cache.store import SMALL_FRAME
 from ckptfs.files.chunks import ChunkIndex
+from ckptfs.files.flat import FlatCopies
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
 from ckptfs.types import ChunkId
@@ -45,6 +47,7 @@ class Evictor:
         low_disk_bytes: int,
         staged_bytes: Callable[[], int],
         healthy: Callable[[], bool],
+        flat: FlatCopies | None = None,
     ) -> None:
         self.db = db
         self.chunks = chunks
@@ -54,12 +57,20 @@ class Evictor:
         self.low_disk = low_disk_bytes
         self.staged_bytes = staged_bytes
         self.healthy = healthy
+        self.flat = flat  # keyframe copies (files.flatten): counted, and the first to go
         self.evicted = 0
         self.evicted_bytes = 0
 
     def usage(self) -> int:
-        """Bytes the cap counts: chunk files and staged versions."""
-        return self.cache.file_bytes + self.staged_bytes()
+        """Bytes the cap counts: chunk files, flat copies and staged versions."""
+        return self.cache.file_bytes + (self.flat.size if self.flat else 0) + self.staged_bytes()
+
+    def room(self) -> bool:
+        """May optional copies (``files.flatten``) be written: under 90 % of the cap, the disk not low?"""
+        if self.cap and self.usage() > int(self.cap * 0.9):
+            return False
+        st = os.statvfs(self.cache.root)
+        return st.f_bavail * st.f_frsize >= self.low_disk * 2
 
     def _need(self) -> int:
         """Bytes to free now (0: none)."""
@@ -86,6 +97,14 @@ class Evictor:
         need = self._need()
         if need <= 0:
             return 0
+        if self.flat is not None and self.flat.ids:
+            dropped = self.flat.size
+            for cid in list(self.flat.ids):  # a speed-up only: all of them go before any chunk does
+                self.flat.drop(cid)
+            log.info("cache: dropped the flat copies of the newest checkpoints (%.1f MB)", dropped / 1e6)
+            need = self._need()
+            if need <= 0:
+                return dropped
         rows = self.db.execute(
             "SELECT c.id, c.stored, c.remote FROM chunks c"
             " WHERE c.remote IS NOT NULL AND c.stored > ?"

@@ -17,6 +17,7 @@ import trio
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import decode, parse_header
 from ckptfs.errors import ChunkMissing, CorruptChunk
+from ckptfs.files.flat import FlatCopies
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.workers import Workers
 from ckptfs.meta import Database
@@ -61,6 +62,7 @@ class ChunkReader:
         self.cache = cache
         self.workers = workers
         self._decoded = BytesLRU(cache_bytes, keep_last=True)
+        self.flat: FlatCopies | None = None  # keyframe copies of the newest chunks (set by the daemon)
         self._pending: dict[ChunkId, trio.Event] = {}
         self._extents: OrderedDict[VersionId, Extents] = OrderedDict()
         # Read-ahead: per version, where the last read ended and the current window; at most half the
@@ -123,18 +125,38 @@ class ChunkReader:
             return await self.chunk(cid, _depth)
         ev = self._pending[cid] = trio.Event()
         try:
-            self._fetch_chain_ahead(cid)
-            frame = await self._frame(cid)
-            try:
-                data = await self._decode(cid, frame, _depth)
-            except ChunkMissing:
-                raise
-            except CorruptChunk as exc:
-                data = await self._heal(cid, frame, exc, _depth)
+            flat = await self._flat_copy(cid)
+            if flat is not None:
+                data = flat
+            else:
+                self._fetch_chain_ahead(cid)
+                frame = await self._frame(cid)
+                try:
+                    data = await self._decode(cid, frame, _depth)
+                except ChunkMissing:
+                    raise
+                except CorruptChunk as exc:
+                    data = await self._heal(cid, frame, exc, _depth)
         finally:
             del self._pending[cid]
             ev.set()
         self._decoded.put(cid, data)
+        return data
+
+    async def _flat_copy(self, cid: ChunkId) -> bytes | None:
+        """The chunk decoded from its keyframe copy (``files.flatten``), if it has a good one; a torn or
+        corrupt copy is dropped (the chain is read instead)."""
+        flat = self.flat
+        if flat is None or cid not in flat.ids:
+            return None
+        try:
+            data = await self.workers.run_foreground(flat.read, cid)
+        except (ChunkMissing, CorruptChunk, OSError) as exc:
+            if cid in flat.ids:  # (not dropped meanwhile by the flattener)
+                flat.drop(cid)
+                log.warning("flat copy of chunk %s dropped, reading its delta chain: %s", cid.hex(), exc)
+            return None
+        flat.reads += 1
         return data
 
     def _fetch_chain_ahead(self, cid: ChunkId) -> None:

@@ -1,0 +1,136 @@
+"""Flat copies (``ingest.flat_newest``, files/flatten.py): in idle time the newest chunk of every slot that
+is a delta also gets a keyframe copy in the cache; a read decodes that copy instead of the chain; a
+copy whose slot moved on goes; a torn, flipped or foreign copy is dropped and the chain read; a kill -9
+in the middle loses nothing; the canonical frames and the storage figures do not change."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import torch
+
+from tests.e2e.test_compact import assert_depths_exact
+from tests.e2e.test_delta import train_series, versions
+from tests.helpers import assert_state_equal
+
+
+def status(m) -> dict:
+    return json.loads(m.cli("status", "--json", str(m.mnt)).stdout)
+
+
+def flat_files(m) -> dict[bytes, Path]:
+    return {bytes.fromhex(p.name): p for p in (m.cache / "flat").glob("*/*") if not p.name.endswith(".tmp")}
+
+
+def wanted(m) -> set[bytes]:
+    """What should have a copy: chunks a slot names (the newest of their slot) that are deltas."""
+    db = sqlite3.connect(m.cache / "meta.db")
+    q = "SELECT DISTINCT s.chunk FROM slot_index s JOIN chunks c ON c.id = s.chunk WHERE c.depth > 0"
+    got = {bytes(r[0]) for r in db.execute(q)}
+    db.close()
+    return got
+
+
+def wait_flat(m, timeout: float = 180) -> None:
+    """Until the daemon has made every copy it wants and compacted what it ingested."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(m)
+        if not st["flatten_pending"] and not st["compaction_pending"] and not st["ingest_pending"]:
+            return
+        assert time.monotonic() < deadline, m.log()
+        time.sleep(0.2)
+
+
+def test_the_newest_is_read_from_its_flat_copy_and_older_copies_go(mount_factory):
+    states = train_series(4, torch.float32, width=512)
+    m = mount_factory()
+    for i, st in enumerate(states):
+        torch.save(st, m.path(f"step_{i}.pt"))
+        m.wait_local(f"step_{i}.pt")
+        wait_flat(m)
+        assert set(flat_files(m)) == wanted(m), i  # exactly the newest's deltas; the older copies went
+    assert len(flat_files(m)) >= 3, versions(m)  # the weights and both Adam moments changed
+    newest = versions(m)["step_3.pt"]
+    assert newest["max_depth"] >= 2, newest  # the canonical frames are still forward deltas
+    db = sqlite3.connect(m.cache / "meta.db")
+    assert_depths_exact(db)
+    db.close()
+    stored = m.stats()["total"]["stored_bytes"]
+    m.umount()
+    m.start()  # nothing decoded in memory, no page cache
+    assert_state_equal(states[3], torch.load(m.path("step_3.pt")))
+    assert status(m)["cache"]["flat_reads"] == len(flat_files(m))  # every copy served, once
+    for i in range(3):
+        assert_state_equal(states[i], torch.load(m.path(f"step_{i}.pt")))
+    assert m.stats()["total"]["stored_bytes"] == stored  # copies are not chunks: the figures stay
+    m.umount()
+    res = m.cli("fsck", "--cache", str(m.cache), "--verify-data", check=False)
+    assert " 0 problems" in res.stdout, res.stdout
+
+
+def test_a_torn_flipped_or_foreign_copy_is_dropped_and_the_chain_read(mount_factory):
+    states = train_series(3, torch.float32, width=512)
+    m = mount_factory()
+    for i, st in enumerate(states):
+        torch.save(st, m.path(f"s{i}.pt"))
+        m.wait_local(f"s{i}.pt")
+    wait_flat(m)
+    copies = sorted(flat_files(m).items())
+    assert len(copies) >= 3, copies
+    m.umount()
+    (_, torn), (_, flipped), (_, foreign) = copies[:3]
+    data = torn.read_bytes()
+    torn.write_bytes(data[: len(data) // 2])  # a power cut after the rename, before the write-back
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    flipped.write_bytes(bytes(raw))
+    foreign.write_bytes(copies[3][1].read_bytes() if len(copies) > 3 else data)  # a good frame of another chunk
+    m.start()
+    assert_state_equal(states[2], torch.load(m.path("s2.pt")))
+    assert "flat copy of chunk" in m.log()
+    assert status(m)["cache"]["flat_reads"] == len(copies) - 3
+    wait_flat(m)  # dropped ones are made again in idle time
+    assert set(flat_files(m)) == wanted(m)
+    m.umount()
+    m.start()
+    assert_state_equal(states[2], torch.load(m.path("s2.pt")))
+    assert status(m)["cache"]["flat_reads"] == len(copies)
+
+
+def test_kill9_while_flattening_loses_nothing(mount_factory):
+    states = train_series(4, torch.float32, width=512)
+    rng = random.Random(5)
+    m = mount_factory()
+    expected = {}
+    for i, st in enumerate(states):
+        torch.save(st, m.path(f"s{i}.pt"))
+        expected[f"s{i}.pt"] = m.path(f"s{i}.pt").read_bytes()
+        m.wait_local(f"s{i}.pt")
+        time.sleep(rng.uniform(2.0, 3.0))  # background work starts 2 s after the last write
+        m.kill9()
+        m.start()
+        for name, data in expected.items():
+            assert m.path(name).read_bytes() == data, name
+    wait_flat(m)
+    assert set(flat_files(m)) == wanted(m)
+    assert not list((m.cache / "flat").glob("*/*.tmp"))
+    m.umount()
+    res = m.cli("fsck", "--cache", str(m.cache), "--verify-data", check=False)
+    assert " 0 problems" in res.stdout, res.stdout
+
+
+def test_off_makes_no_copies(mount_factory):
+    states = train_series(3, torch.float32, width=512)
+    m = mount_factory(env={"CKPTFS_INGEST_FLAT_NEWEST": "false"})
+    for i, st in enumerate(states):
+        torch.save(st, m.path(f"s{i}.pt"))
+        m.wait_local(f"s{i}.pt")
+    wait_flat(m)
+    time.sleep(3)
+    assert wanted(m) and not flat_files(m)
+    assert status(m)["cache"]["flat_copies"] == 0
