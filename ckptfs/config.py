@@ -111,7 +111,7 @@ class IngestConfig:
     base_grace_s: int = 600  # slot entries of deleted files (and chunks only they hold) are released after this
     base_cache_mb: int = 512  # plain bytes of recent pieces kept in memory as the next version's bases
     newest_keyframe: bool = False  # reverse deltas in idle time: the newest of a layout a keyframe (files.reverse)
-    flat_newest: bool = True  # the newest of a layout also kept as a keyframe copy in the cache (files.flatten)
+    flat_newest: bool = True  # the newest of a layout also kept decoded in the cache (files.flatten)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ from ckptfs.files import (
     Workers,
 )
 from ckptfs.files.flat import FlatCopies
-from ckptfs.files.flatten import Flattener, FlattenSettings
+from ckptfs.files.flatten import Flattener
 from ckptfs.files.ingest import IngestSettings
 from ckptfs.fsutil import fsync_dir
 from ckptfs.fuse import Operations
@@ -301,7 +301,6 @@ class _Components:
                 self.workers,
                 self.ingester.no_idle_core,
                 self.evictor.room,
-                FlattenSettings(cfg.ingest.zstd_level),
             )
         )
         self.store = open_store(cfg.store.url, cfg.s3, cfg.upload.concurrency)

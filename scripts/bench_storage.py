@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
-from benchlib import GPT, cpu_seconds
+from benchlib import GPT, cpu_seconds, wait_idle
 
 SERIES = ("finetune-fp32", "pretrain-bf16", "frozen-adapters", "latest-overwrite", "hf-rotation")
 
@@ -239,6 +239,7 @@ def main() -> int:
             daemon = int((work / "cache" / "ckptfs.pid").read_text())
             logical, ingest_s, ingest_cpu, kept = write_series(args, series, mnt, base, daemon, arrival == "paced")
             wait_settled(work / "cache" / "meta.db")
+            flat = wait_idle(work / "cache")["cache"]["flat_bytes"]  # flat copies made too: local-only bytes
             subprocess.run([*ck, "umount", str(mnt)], check=True, capture_output=True)
             subprocess.run([*ck, "mount", "--cache", str(work / "cache"), "--store", f"file://{work}/store",
                             str(mnt)], check=True, env=env, capture_output=True)
@@ -255,18 +256,20 @@ def main() -> int:
             subprocess.run([*ck, "umount", str(mnt)], check=False, capture_output=True)
             shutil.rmtree(work, ignore_errors=True)
         rows.append({
-            "series": series, "arrival": arrival, "logical": logical, "ckptfs": st["stored_bytes"], "zstd3": base.zstd,
+            "series": series, "arrival": arrival, "logical": logical, "ckptfs": st["stored_bytes"], "flat_copies": flat,
+            "zstd3": base.zstd,
             "grouped": base.grouped, "naive_delta": base.delta, "ckptfs_vs_naive": st["stored_bytes"] / base.delta,
             "ingest_MBps": logical / 1e6 / ingest_s,
             "ingest_MB_per_cpu_s": logical / 1e6 / ingest_cpu, "read_MBps": read_mbps, "bit_exact": True,
         })
         r = rows[-1]
-        print(f"{series} ({arrival}): logical {logical / 1e6:.0f} MB, ckptfs {r['ckptfs'] / 1e6:.1f} MB", flush=True)
+        print(f"{series} ({arrival}): logical {logical / 1e6:.0f} MB, ckptfs {r['ckptfs'] / 1e6:.1f} MB"
+              f" (+ {flat / 1e6:.1f} MB of flat copies, local only)", flush=True)
     print(f"\n{params / 1e6:.1f}M-parameter GPT, {args.versions} versions x {args.steps} steps;"
-          " MB stored (ratio to logical);"
+          " MB stored (ratio to logical; flat copies of the newest, local only, not counted);"
           f" ingest on {max(1, (os.cpu_count() or 2) - 1)} worker thread(s), close -> local")
     print(f"{'series':<18} {'arrival':<12} {'logical':>8} {'ckptfs':>14} {'zstd-3':>14} {'grouped':>14}"
-          f" {'naive delta':>14} {'ck/naive':>8} {'ingest MB/s':>11} {'MB/cpu-s':>8} {'read MB/s':>9}")
+          f" {'naive delta':>14} {'ck/naive':>8} {'ingest MB/s':>11} {'MB/cpu-s':>8} {'read MB/s':>9} {'flat MB':>8}")
     def cell(r: dict, n: int) -> str:
         return f"{n / 1e6:.1f} ({r['logical'] / n:.2f}x)"
 
@@ -274,7 +277,8 @@ def main() -> int:
         print(f"{r['series']:<18} {r['arrival']:<12} {r['logical'] / 1e6:>8.1f} {cell(r, r['ckptfs']):>14}"
               f" {cell(r, r['zstd3']):>14} {cell(r, r['grouped']):>14} {cell(r, r['naive_delta']):>14}"
               f" {r['ckptfs_vs_naive']:>8.2f}"
-              f" {r['ingest_MBps']:>11.0f} {r['ingest_MB_per_cpu_s']:>8.0f} {r['read_MBps']:>9.0f}")
+              f" {r['ingest_MBps']:>11.0f} {r['ingest_MB_per_cpu_s']:>8.0f} {r['read_MBps']:>9.0f}"
+              f" {r['flat_copies'] / 1e6:>8.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"params": params, "args": vars(args), "rows": rows}, indent=2))
     return 0

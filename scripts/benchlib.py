@@ -89,14 +89,14 @@ class GPT(torch.nn.Module):
         return self.head(self.ln(x))
 
 
-def wait_idle(cache: Path, timeout: float = 900) -> None:
-    """Until the daemon has nothing to ingest, compact, flatten or upload."""
+def wait_idle(cache: Path, timeout: float = 900) -> dict:
+    """Until the daemon has nothing to ingest, compact, flatten or upload; returns its last status."""
     t0 = time.perf_counter()
     while True:
         st = control.request(str(cache), {"op": "status"})
         queued = st["upload"]["queued_versions"] if st["upload"] else 0  # None: tiering is off
         if not st["ingest_pending"] and not st["compaction_pending"] and not st["flatten_pending"] and not queued:
-            return
+            return st
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"daemon not idle after {timeout} s: {st}")
         time.sleep(0.2)

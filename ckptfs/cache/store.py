@@ -95,7 +95,7 @@ class ChunkCache:
         read_only: bool = False,
         folder: str = "chunks",
     ) -> None:
-        self.root = Path(root) / folder  # ``flat``: the keyframe copies of ``files.flatten``
+        self.root = Path(root) / folder  # ``flat``: the decoded copies of ``files.flatten``
         self.min_free = min_free  # put() leaves at least this much free space for metadata
         if not read_only:  # read_only (``ckptfs fsck``): creates nothing, probes nothing
             made = not self.root.is_dir()

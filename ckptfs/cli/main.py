@@ -263,6 +263,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         f" (other processes keep {st['others_busy_cores']:.1f} cores busy);"
         f" {plural(st['compaction_pending'], 'chunk')} to compact"
     )
+    print(
+        f"reads      {cache['flat_copies']} flat copies of the newest chunks ({_human(cache['flat_bytes'])},"
+        f" {st['flatten_pending']} to make or drop); {cache['flat_reads']} chunk reads served by them"
+    )
     if up is None:
         print("upload     disabled (upload.enabled = false)")
         return 0

@@ -76,6 +76,11 @@ def _pack(codec: Codec, width: int, raw_len: int, base: bytes, payload: bytes | 
     return prefix + struct.pack("<Q", checksum64(prefix, payload)) + bytes(payload)
 
 
+def encode_raw(data: bytes | memoryview) -> bytes:
+    """A frame of ``data`` as it is (decoding costs a copy and the id check: for copies read often)."""
+    return _pack(Codec.RAW, 0, len(data), _NO_BASE, data)
+
+
 _DELTA_CODECS = {"xor": Codec.DELTA_GROUPED_ZSTD, "sub": Codec.SUB_GROUPED_ZSTD}
 _KINDS = {codec: kind for kind, codec in _DELTA_CODECS.items()}
 

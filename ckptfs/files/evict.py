@@ -57,7 +57,7 @@ class Evictor:
         self.low_disk = low_disk_bytes
         self.staged_bytes = staged_bytes
         self.healthy = healthy
-        self.flat = flat  # keyframe copies (files.flatten): counted, and the first to go
+        self.flat = flat  # decoded copies of the newest chunks (files.flatten): counted, and the first to go
         self.evicted = 0
         self.evicted_bytes = 0
 

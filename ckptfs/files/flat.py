@@ -1,5 +1,6 @@
-"""The keyframe copies of ``files.flatten`` (``<cache>/flat/<ab>/<id>``) and the set of chunk ids that
-have one. The set is the trio thread's; ``read`` and ``write`` are blocking and run in worker threads."""
+"""The decoded (raw-frame) copies of ``files.flatten`` (``<cache>/flat/<ab>/<id>``) and the set of chunk
+ids that have one. The set is the trio thread's; ``read`` and ``write`` are blocking and run in worker
+threads."""
 
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ class FlatCopies:
         meanwhile) or ``CorruptChunk`` (torn or flipped: the caller drops it)."""
         frame = self.store.get(cid)
         if parse_header(frame).base is not None:
-            raise CorruptChunk(f"flat copy of chunk {cid.hex()} is not a keyframe")
+            raise CorruptChunk(f"flat copy of chunk {cid.hex()} is a delta")
         return decode(frame, cid, None)
 
     def write(self, cid: ChunkId, frame: bytes) -> None:
-        """Worker thread: store a keyframe copy (no fsync: a torn one is dropped when read). Raises
+        """Worker thread: store a copy (no fsync: a torn one is dropped when read). Raises
         ``CacheFull``."""
         self.store.put(cid, frame, replace=True, sync=False)
 

@@ -62,7 +62,7 @@ class ChunkReader:
         self.cache = cache
         self.workers = workers
         self._decoded = BytesLRU(cache_bytes, keep_last=True)
-        self.flat: FlatCopies | None = None  # keyframe copies of the newest chunks (set by the daemon)
+        self.flat: FlatCopies | None = None  # decoded copies of the newest chunks (set by the daemon)
         self._pending: dict[ChunkId, trio.Event] = {}
         self._extents: OrderedDict[VersionId, Extents] = OrderedDict()
         # Read-ahead: per version, where the last read ended and the current window; at most half the
@@ -144,7 +144,7 @@ class ChunkReader:
         return data
 
     async def _flat_copy(self, cid: ChunkId) -> bytes | None:
-        """The chunk decoded from its keyframe copy (``files.flatten``), if it has a good one; a torn or
+        """The chunk read from its decoded copy (``files.flatten``), if it has a good one; a torn or
         corrupt copy is dropped (the chain is read instead)."""
         flat = self.flat
         if flat is None or cid not in flat.ids:

@@ -1,5 +1,5 @@
 """Flat copies (``ingest.flat_newest``, files/flatten.py): in idle time the newest chunk of every slot that
-is a delta also gets a keyframe copy in the cache; a read decodes that copy instead of the chain; a
+is a delta also gets a decoded (raw) copy in the cache; a read takes that copy instead of the chain; a
 copy whose slot moved on goes; a torn, flipped or foreign copy is dropped and the chain read; a kill -9
 in the middle loses nothing; the canonical frames and the storage figures do not change."""
 
