@@ -65,12 +65,14 @@ class Evictor:
         """Bytes the cap counts: chunk files, flat copies and staged versions."""
         return self.cache.file_bytes + (self.flat.size if self.flat else 0) + self.staged_bytes()
 
-    def room(self) -> bool:
-        """May optional copies (``files.flatten``) be written: under 90 % of the cap, the disk not low?"""
-        if self.cap and self.usage() > int(self.cap * 0.9):
+    def room(self, nbytes: int) -> bool:
+        """May an optional copy of ``nbytes`` (``files.flatten``) be written: usage stays within 90 % of
+        the cap (where eviction stops, so copies never make it evict), the disk stays above twice the
+        low mark?"""
+        if self.cap and self.usage() + nbytes > int(self.cap * 0.9):
             return False
         st = os.statvfs(self.cache.root)
-        return st.f_bavail * st.f_frsize >= self.low_disk * 2
+        return st.f_bavail * st.f_frsize - nbytes >= self.low_disk * 2
 
     def _need(self) -> int:
         """Bytes to free now (0: none)."""

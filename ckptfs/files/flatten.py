@@ -35,6 +35,7 @@ import trio
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import decode, encode_raw, parse_header
+from ckptfs.codec.frame import HEADER_SIZE
 from ckptfs.errors import CacheFull, ChunkMissing, CorruptChunk
 from ckptfs.files.flat import FlatCopies
 from ckptfs.files.reader import fetch_and_decode
@@ -60,7 +61,7 @@ class Flattener:
         flat: FlatCopies,
         workers: Workers,
         busy: Callable[[], bool],
-        room: Callable[[], bool],
+        room: Callable[[int], bool],
         period_s: float = 1.0,
     ) -> None:
         self.db = db
@@ -68,22 +69,22 @@ class Flattener:
         self.flat = flat
         self.workers = workers
         self.busy = busy
-        self.room = room  # is there room on the cache disk (under the cap, disk not low)?
+        self.room = room  # may this many bytes more go on the cache disk (the cap, a low disk)?
         self.period_s = period_s
         self._failed: set[ChunkId] = set()  # not tried again this session (logged once)
 
-    def wanted(self) -> set[ChunkId]:
-        """Chunks a delta-base slot names (the newest of their slot) that are deltas."""
+    def wanted(self) -> dict[ChunkId, int]:
+        """Chunks a delta-base slot names (the newest of their slot) that are deltas, and their plain sizes."""
         rows = self.db.execute(
-            "SELECT DISTINCT s.chunk FROM slot_index s JOIN chunks c ON c.id = s.chunk WHERE c.depth > 0"
+            "SELECT DISTINCT s.chunk, c.raw_len FROM slot_index s JOIN chunks c ON c.id = s.chunk WHERE c.depth > 0"
         ).fetchall()
-        return {ChunkId(bytes(r[0])) for r in rows}
+        return {ChunkId(bytes(r[0])): int(r[1]) for r in rows}
 
     @property
     def pending(self) -> int:
         """Copies still to make (and to be tried) or to drop (their slot moved on, or the chunk became a
         keyframe, e.g. by compaction)."""
-        wanted = self.wanted()
+        wanted = self.wanted().keys()
         return len(wanted - self.flat.ids - self._failed) + len(self.flat.ids - wanted)
 
     async def run(self) -> None:
@@ -94,12 +95,12 @@ class Flattener:
     async def step(self) -> None:
         """One pass: drop the copies no slot wants any more, then copy what is missing while idle."""
         wanted = self.wanted()
-        for cid in self.flat.ids - wanted:
+        for cid in self.flat.ids - wanted.keys():
             self.flat.drop(cid)
-        todo = sorted(wanted - self.flat.ids - self._failed)
+        todo = sorted(wanted.keys() - self.flat.ids - self._failed)
         for cid in todo:
-            if self.busy() or not self.room():
-                return
+            if self.busy() or not self.room(wanted[cid] + HEADER_SIZE):
+                return  # (no room: again once there is, under the cap and on the disk)
             try:
                 frame = await self.workers.run_background(flat_frame, self.cache, cid)
                 await self.workers.run_io(self.flat.write, cid, frame)

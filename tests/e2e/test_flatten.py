@@ -134,3 +134,30 @@ def test_off_makes_no_copies(mount_factory):
     time.sleep(3)
     assert wanted(m) and not flat_files(m)
     assert status(m)["cache"]["flat_copies"] == 0
+
+
+def test_over_the_cap_flat_copies_go_first_and_are_not_made_again(mount_factory):
+    states = train_series(3, torch.float32, width=512)
+    m = mount_factory(env={"CKPTFS_UPLOAD_ENABLED": "false"})  # nothing is evictable: only copies can go
+    for i, st in enumerate(states):
+        torch.save(st, m.path(f"s{i}.pt"))
+        m.wait_local(f"s{i}.pt")
+    wait_flat(m)
+    cache = status(m)["cache"]
+    assert cache["flat_copies"] >= 3 and cache["flat_bytes"] > 0.1 * cache["file_bytes"], cache
+    m.umount()
+    # a cap the chunks fit under, but not the chunks and the copies; no room for a copy within 90 % of it
+    cap = cache["file_bytes"] / 0.9 + 1000
+    m.env["CKPTFS_CACHE_MAX_GB"] = str(cap / 1e9)
+    m.start()
+    deadline = time.monotonic() + 30
+    while status(m)["cache"]["flat_copies"]:
+        assert time.monotonic() < deadline, m.log()
+        time.sleep(0.2)
+    time.sleep(3)  # several flattener and eviction passes
+    st = status(m)
+    assert st["cache"]["flat_copies"] == 0 and not flat_files(m), st
+    assert st["cache"]["evicted_chunks"] == 0 and st["flatten_pending"] > 0, st
+    assert "dropped the flat copies" in m.log()
+    assert_state_equal(states[2], torch.load(m.path("s2.pt")))  # read along the chain
+    assert status(m)["cache"]["flat_reads"] == 0
