@@ -41,6 +41,7 @@ class CacheConfig:
     dir: str = field(default_factory=_default_cache_dir)
     reserve_mb: int = 64  # writes fail with ENOSPC when less than this is free on the cache disk
     decoded_cache_mb: int = 64  # in-memory cache of decoded chunks for reads
+    read_threads: int = 4  # chunks a sequential read decodes ahead at once (the cores a restore's decoding takes)
     direct_io: bool = True  # write chunk files with O_DIRECT where the file system supports it
     durable_after_s: float = 2.0  # a closed file ingest has not committed by then gets an fsync of its own
     max_gb: float = 0.0  # chunk files + staged bytes kept at most; uploaded chunks are evicted past it (0 = no cap)
@@ -277,6 +278,8 @@ def validate(cfg: Config) -> Config:
         cfg = replace(cfg, ingest=replace(ing, threads=max(1, (os.cpu_count() or 2) - 1)))
     if cfg.cache.reserve_mb < 0 or cfg.cache.decoded_cache_mb < 8:
         raise UserError("config: cache.reserve_mb must be >= 0 and cache.decoded_cache_mb >= 8")
+    if not 1 <= cfg.cache.read_threads <= 256:
+        raise UserError(f"config: cache.read_threads must be within 1..256, got {cfg.cache.read_threads}")
     if "," in cfg.cache.dir:
         raise UserError(f"config: cache.dir must not contain a comma: {cfg.cache.dir}")
     if not 0 <= cfg.mount.read_ahead_kb <= 1024 * 1024:

@@ -234,7 +234,13 @@ class _Components:
         self.workers = Workers.create(cfg.ingest.threads, cfg.ingest.nice, cfg.ingest.idle)
         self.hurry = False  # unmounting: the drain has a deadline, idle cores or not
         self.chunks = ChunkIndex(self.db, self.cache)
-        self.reader = ChunkReader(self.db, self.cache, self.workers, cfg.cache.decoded_cache_mb * MiB)
+        self.reader = ChunkReader(
+            self.db,
+            self.cache,
+            self.workers,
+            cfg.cache.decoded_cache_mb * MiB,
+            cfg.cache.read_threads,
+        )
         self.flat: FlatCopies | None = None
         if cfg.ingest.flat_newest and cfg.ingest.max_chain:
             # (stops at the whole reserve, before ingest at half of it)

@@ -57,7 +57,9 @@ def fetch_and_decode(cache: ChunkCache, cid: ChunkId, _depth: int = 0) -> bytes:
 
 
 class ChunkReader:
-    def __init__(self, db: Database, cache: ChunkCache, workers: Workers, cache_bytes: int) -> None:
+    def __init__(
+        self, db: Database, cache: ChunkCache, workers: Workers, cache_bytes: int, decode_threads: int = 4
+    ) -> None:
         self.db = db
         self.cache = cache
         self.workers = workers
@@ -66,10 +68,10 @@ class ChunkReader:
         self._pending: dict[ChunkId, trio.Event] = {}
         self._extents: OrderedDict[VersionId, Extents] = OrderedDict()
         # Read-ahead: per version, where the last read ended and the current window; at most half the
-        # decoded cache is read ahead (more would evict what is being read), 4 chunks at once.
+        # decoded cache is read ahead (more would evict what is being read), ``decode_threads`` chunks at once.
         self._streams: dict[VersionId, tuple[int, int]] = {}
         self._ahead_max = max(_AHEAD_START, cache_bytes // 2)
-        self._ahead_limit = trio.CapacityLimiter(4)
+        self._ahead_limit = trio.CapacityLimiter(max(1, decode_threads))
         # Cold data: frames not in the cache are fetched from the store further ahead (up to
         # _FRAMES_AHEAD_MAX, 8 at once), into the cache, and decoded when the decode window gets there.
         self._frames_limit = trio.CapacityLimiter(8)

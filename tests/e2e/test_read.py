@@ -116,8 +116,10 @@ def test_a_rewritten_path_never_serves_the_old_bytes(mount_factory, tmp_path):
     b.umount()
 
 
-def test_decoded_memory_stays_within_its_cap_and_is_reported(mount_factory):
-    m = mount_factory(env={"CKPTFS_CACHE_DECODED_CACHE_MB": "8"})
+@pytest.mark.parametrize("threads", ["1", "8"])
+def test_decoded_memory_stays_within_its_cap_and_is_reported(mount_factory, threads):
+    # however many chunks are decoded ahead at once (cache.read_threads)
+    m = mount_factory(env={"CKPTFS_CACHE_DECODED_CACHE_MB": "8", "CKPTFS_CACHE_READ_THREADS": threads})
     data = os.urandom(32 * MiB)
     m.path("big").write_bytes(data)
     m.wait_local("big")

@@ -38,6 +38,7 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ("[s3]\naccess_key_id = 'AK'\n", "must be given together"),
         ("[s3]\nendpoint = '127.0.0.1:9000'\n", "s3.endpoint must be an http:// or https:// URL"),
         ("[node]\nid = 'a/b'\n", "node.id must be"),
+        ("[cache]\nread_threads = 0\n", "cache.read_threads must be within 1..256, got 0"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, needle):
