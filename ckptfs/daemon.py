@@ -247,6 +247,8 @@ class _Components:
             store = ChunkCache(cache_dir, cfg.cache.reserve_mb * MiB, cfg.cache.direct_io, folder="flat")
             store.sweep_tmp()
             self.reader.flat = self.flat = FlatCopies(store)
+        elif (Path(cache_dir) / "flat").is_dir():  # switched off: the copies of an earlier mount are waste
+            shutil.rmtree(Path(cache_dir) / "flat", ignore_errors=True)
         self.staging = StagingArea(cache_dir)
         healthy = self._healthy
         self.reclaimer = Reclaimer(self.db, self.chunks, self.staging, self.workers, healthy)

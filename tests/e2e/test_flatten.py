@@ -124,16 +124,25 @@ def test_kill9_while_flattening_loses_nothing(mount_factory):
     assert " 0 problems" in res.stdout, res.stdout
 
 
-def test_off_makes_no_copies(mount_factory):
-    states = train_series(3, torch.float32, width=512)
-    m = mount_factory(env={"CKPTFS_INGEST_FLAT_NEWEST": "false"})
-    for i, st in enumerate(states):
+def test_off_makes_no_copies_and_removes_those_of_an_earlier_mount(mount_factory):
+    states = train_series(4, torch.float32, width=512)
+    m = mount_factory()
+    for i, st in enumerate(states[:3]):
         torch.save(st, m.path(f"s{i}.pt"))
         m.wait_local(f"s{i}.pt")
     wait_flat(m)
+    assert flat_files(m)
+    m.umount()
+    m.env["CKPTFS_INGEST_FLAT_NEWEST"] = "false"
+    m.start()
+    torch.save(states[3], m.path("s3.pt"))  # a new version of the layout: new newest chunks, deltas
+    m.wait_local("s3.pt")
+    wait_flat(m)
     time.sleep(3)
-    assert wanted(m) and not flat_files(m)
+    assert wanted(m) and not (m.cache / "flat").exists()
     assert status(m)["cache"]["flat_copies"] == 0
+    for i, st in enumerate(states):
+        assert_state_equal(st, torch.load(m.path(f"s{i}.pt")))
 
 
 def test_over_the_cap_flat_copies_go_first_and_are_not_made_again(mount_factory):
