@@ -2,13 +2,14 @@
 """Trainer-visible cost of torch.save into a ckptfs mount vs a plain directory on the same disk.
 
 Saves a ~300 MB model + AdamW state dict (fp32, ~25M parameters) N times into each target,
-interleaved (plain, mount, plain, mount, ...), with and without fsync, and times open -> save ->
-[fsync] -> close. Before each mount save it waits until the previous version is ingested (a trainer
-saving every few minutes sees that steady state) and records close -> ``local`` time, i.e. the
-ingest pipeline's throughput, and close -> durable (``local``, or a durable mark). A second mount
-with ``cache.durable_after_s = 0`` (every closed file fsync'd at once) takes the no-fsync saves too,
-and a final burst of 3 saves back to back shows the window when ingest is behind. The bytes each
-daemon sent to the cache disk (/proc/PID/io) per byte saved say what a durable mark at close costs.
+interleaved (plain, mount, plain, mount, ...), with and without fsync, and as tmp + ``os.replace``
+over the previous ``latest.pt``, and times open -> save -> [fsync] -> close [-> rename]. Before each
+mount save it waits until the previous version is ingested (a trainer saving every few minutes sees
+that steady state) and records close -> ``local`` time, i.e. the ingest pipeline's throughput, and
+close -> durable (``local``, or a durable mark). A second mount with ``cache.durable_after_s = 0``
+(every closed file fsync'd at once) takes the no-fsync saves too, and a final burst of 3 saves back
+to back shows the window when ingest is behind. The bytes each daemon sent to the cache disk
+(/proc/PID/io) per byte saved say what a durable mark at close costs.
 Prints a table and writes JSON.
 
     .venv/bin/python scripts/bench_write.py --runs 7 --json bench-write.json
@@ -149,23 +150,32 @@ def main() -> int:
     state = make_state(args.params_m)
     size = 0
 
-    def series(m: Target, variants: tuple[bool, ...], runs: int, label: str = "") -> None:
-        """``runs`` interleaved saves into ``m`` and the plain directory per variant (False = no fsync)."""
+    def series(m: Target, variants: tuple[str, ...], runs: int, label: str = "") -> None:
+        """``runs`` interleaved saves into ``m`` and the plain directory per variant: ``no-fsync``,
+        ``fsync``, or ``rename`` (save to a temporary name, then ``os.replace`` it over ``latest.pt``,
+        the atomic-save pattern; the time includes the rename)."""
         nonlocal size
         for i in range(runs):
-            for fsync in variants:
-                key = "fsync" if fsync else "no-fsync"
+            for key in variants:
                 res = results.setdefault(key + label, {"plain": [], m.name: []})
                 for target in (("plain", m.name) if i % 2 == 0 else (m.name, "plain")):
                     perturb(state, i)
-                    name = f"step_{i:06d}_{key}.pt"
-                    path = (plain if target == "plain" else m.mnt) / name
+                    folder = plain if target == "plain" else m.mnt
+                    path = folder / f"step_{i:06d}_{key}.pt"
                     if target != "plain":
                         m.account(key, 0)
-                    res[target].append(timed_save(state, path, fsync))
+                    if key == "rename":
+                        t0 = time.perf_counter()
+                        timed_save(state, folder / "latest.pt.tmp", False)
+                        os.replace(folder / "latest.pt.tmp", folder / "latest.pt")
+                        res[target].append(time.perf_counter() - t0)
+                        path = folder / "latest.pt"
+                    else:
+                        res[target].append(timed_save(state, path, key == "fsync"))
                     size = path.stat().st_size
                     if target == "plain":
-                        path.unlink()
+                        if key != "rename":
+                            path.unlink()
                         continue
                     m.bytes[key][1] += size
                     d = wait_durable(path, m.db, size)
@@ -183,7 +193,7 @@ def main() -> int:
     # One ckptfs daemon at a time: an idle one compacts (pcodec) while the other is measured.
     m = Target(work, "ckptfs", 2.0)  # the default: an fsync of its own only if not committed 2 s after close
     try:
-        series(m, (False, True), args.runs)
+        series(m, ("no-fsync", "fsync", "rename"), args.runs)
         # back to back, as a trainer saving faster than ingest: each save closes while the last is ingested
         m.account("back-to-back", 0)
         paths = []
@@ -202,7 +212,7 @@ def main() -> int:
         m.umount()
     mark = Target(work, "mark@close", 0.0)  # every closed file fsync'd at once
     try:
-        series(mark, (False,), args.runs, " (mark@close)")
+        series(mark, ("no-fsync",), args.runs, " (mark@close)")
         settle(mark)
     finally:
         mark.umount()
