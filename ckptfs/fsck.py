@@ -123,6 +123,14 @@ def _check_namespace(conn: sqlite3.Connection, rep: Report) -> None:
 
 def _check_versions(conn: sqlite3.Connection, cache_dir: str | Path, rep: Report) -> None:
     staging = Path(cache_dir) / "staging"
+    for ino, vid in conn.execute(
+        "SELECT id, version FROM inodes WHERE version IS NOT NULL AND version NOT IN (SELECT id FROM versions)"
+    ):
+        rep.problems.append(
+            f"inode {ino}: its current version {vid} does not exist (reads show its extents or nothing)"
+        )
+    for (vid,) in conn.execute("SELECT DISTINCT version FROM extents WHERE version NOT IN (SELECT id FROM versions)"):
+        rep.problems.append(f"extents of version {vid}, which does not exist (their chunks are never released)")
     rows = conn.execute(
         "SELECT i.id, i.size, v.id, v.state, v.size, v.staging FROM inodes i JOIN versions v ON v.id = i.version"
     ).fetchall()

@@ -475,6 +475,6 @@ class Ingester:
             queue_in(c, vid)
             for v in self.contents.versions.history(inode):
                 self.contents.reader.forget_version(v.id)
-            dropped, names = Versions.drop_others_in(c, inode, vid)
+            dropped, names = Versions.drop_older_in(c, inode, vid)
         self.chunks.collect(touched + dropped)
         return names

@@ -161,8 +161,8 @@ class Versions:
         """Record that the first ``size`` bytes of ``vid``'s staging file are fsync'd and hash to ``digest``.
 
         With ``drop_fallbacks`` (the version is sealed: nobody writes it any more) the older versions of
-        the inode go; returns the chunks they released and their staging files (to delete once this is
-        durable). The mark is durable once the WAL is synced."""
+        the inode go (never a newer one: ``drop_older_in``); returns the chunks they released and their
+        staging files (to delete once this is durable). The mark is durable once the WAL is synced."""
         touched: list[ChunkId] = []
         names: list[str] = []
         with self.db.transaction() as c:  # atomic: no await until commit
@@ -172,7 +172,7 @@ class Versions:
             )
             c.execute("UPDATE inodes SET size=? WHERE id=?", (size, inode))
             if drop_fallbacks:
-                touched, names = self.drop_others_in(c, inode, vid)
+                touched, names = self.drop_older_in(c, inode, vid)
         return touched, names
 
     def drop_others(self, inode: InodeId, keep: VersionId | None) -> tuple[list[ChunkId], list[str]]:
@@ -193,6 +193,15 @@ class Versions:
         """Inside a transaction: delete every version of ``inode`` but ``keep``. Returns (chunks touched,
         staging file names to delete once this is durable)."""
         return cls._drop_where(conn, "inode=? AND id IS NOT ?", (inode, keep))
+
+    @classmethod
+    def drop_older_in(
+        cls, conn: sqlite3.Connection, inode: InodeId, than: VersionId
+    ) -> tuple[list[ChunkId], list[str]]:
+        """Inside a transaction: delete the versions of ``inode`` older than ``than`` (its fallbacks, once
+        ``than`` is durable or committed). A newer one is a rewrite still copying ``than`` into itself
+        (``FileContents.open_write`` awaits that copy): it is about to become current and must stay."""
+        return cls._drop_where(conn, "inode=? AND id<?", (inode, than))
 
     @staticmethod
     def _drop_where(conn: sqlite3.Connection, where: str, args: tuple[object, ...]) -> tuple[list[ChunkId], list[str]]:
