@@ -64,6 +64,18 @@ class Published:
 
 
 @dataclass(frozen=True, slots=True)
+class FileLayout:
+    """How ingest planned a version: its layout (``torchzip``, ``cdc``, ...), its layout signature (None
+    for content-defined chunking) and the slot of each extent in offset order (None: no slot). Published
+    with the version, so a node that recovers it codes the next version of that layout as deltas
+    against it, and keeps a flat copy of it, as the node that wrote it did."""
+
+    layout: str | None
+    signature: str | None
+    slots: list[str | None]
+
+
+@dataclass(frozen=True, slots=True)
 class ImportEntry:
     """A path recovered from the store's journal (``extents`` None: not a regular file)."""
 
@@ -77,6 +89,7 @@ class ImportEntry:
     target: bytes | None
     extents: list[tuple[int, int, ChunkId]] | None
     chunks: list[ChunkRow]
+    layout: FileLayout | None = None  # None: the writer published none (a journal from before it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +265,15 @@ class Tiering:
             (cid, frame, cid, len(frame)),
         )
 
-    def extents(self, vid: VersionId) -> list[tuple[int, int, ChunkId]]:
-        rows = self.db.execute("SELECT offset, length, chunk FROM extents WHERE version=? ORDER BY offset", (vid,))
-        return [(int(o), int(n), ChunkId(bytes(c))) for o, n, c in rows.fetchall()]
+    def extents(self, vid: VersionId) -> tuple[list[tuple[int, int, ChunkId]], FileLayout]:
+        """A local version's extents in offset order, and how ingest planned it."""
+        rows = self.db.execute(
+            "SELECT offset, length, chunk, slot FROM extents WHERE version=? ORDER BY offset", (vid,)
+        ).fetchall()
+        row = self.db.one("SELECT layout, signature FROM versions WHERE id=?", (vid,))
+        layout, signature = (None, None) if row is None else (row[0], row[1])
+        ext = [(int(o), int(n), ChunkId(bytes(c))) for o, n, c, _ in rows]
+        return ext, FileLayout(layout, signature, [None if r[3] is None else str(r[3]) for r in rows])
 
     def record_remote(self, done: Iterable[tuple[ChunkRow, str, int, int]]) -> int:
         """Record where frames now are in the store: (the row as uploaded, object, offset, length). A row
@@ -295,10 +314,12 @@ class Tiering:
         """Nothing but the root: a new cache (recovery from the store may fill it)."""
         return self.db.one("SELECT 1 FROM dirents LIMIT 1") is None and self.db.one("SELECT 1 FROM versions") is None
 
-    def import_entries(self, entries: list[ImportEntry]) -> int:
+    def import_entries(self, entries: list[ImportEntry]) -> dict[bytes, VersionId]:
         """Fill an empty namespace from the store's (recovery): inodes, entries, ``remote`` versions with
         their extents, and the chunk rows (with where each frame is in the store, no local frame).
-        ``entries`` are sorted so that a directory comes before what it holds. One transaction."""
+        ``entries`` are sorted so that a directory comes before what it holds. One transaction. Returns
+        the version each non-empty file got."""
+        vids: dict[bytes, VersionId] = {}
         ino_of: dict[bytes, int] = {b"": 1}
         now = time.time_ns()
         with self.db.transaction() as c:  # atomic: no await until commit
@@ -321,8 +342,8 @@ class Tiering:
                     ino_of[e.path] = ino
                     c.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id=?", (parent,))
                 if e.extents is not None and e.size:
-                    self._insert_version(c, ino, e.size, e.mtime_ns, e.extents, e.chunks)
-        return len(entries)
+                    vids[e.path] = self._insert_version(c, ino, e.size, e.mtime_ns, e.extents, e.chunks, e.layout)
+        return vids
 
     def entry(self, path: bytes, ino: int) -> Entry | None:
         """The namespace entry of inode ``ino`` at ``path``."""
@@ -398,12 +419,18 @@ class Tiering:
                 )
 
     def import_version(
-        self, ino: int, size: int, mtime_ns: int, extents: list[tuple[int, int, ChunkId]], chunks: list[ChunkRow]
+        self,
+        ino: int,
+        size: int,
+        mtime_ns: int,
+        extents: list[tuple[int, int, ChunkId]],
+        chunks: list[ChunkRow],
+        layout: FileLayout | None = None,
     ) -> None:
         """Give inode ``ino`` (a file just created, empty) another writer's version: ``remote``, its extents,
         and rows for the chunks this cache does not know yet (with where they are in the store)."""
         with self.db.transaction() as c:  # atomic: no await until commit
-            self._insert_version(c, ino, size, mtime_ns, extents, chunks)
+            self._insert_version(c, ino, size, mtime_ns, extents, chunks, layout)
 
     @staticmethod
     def _insert_version(
@@ -413,13 +440,27 @@ class Tiering:
         mtime_ns: int,
         extents: list[tuple[int, int, ChunkId]],
         chunks: list[ChunkRow],
-    ) -> None:
-        """Inside a transaction: a ``remote`` version of ``ino`` with its extents, the rows of the chunks
-        this cache does not know yet, and the references both hold (``chunks`` names every base)."""
-        vid = c.execute(
-            "INSERT INTO versions (inode, state, size, created_ns) VALUES (?,?,?,?)",
-            (ino, VersionState.REMOTE.value, size, mtime_ns),
-        ).lastrowid
+        layout: FileLayout | None,
+    ) -> VersionId:
+        """Inside a transaction: a ``remote`` version of ``ino`` with its extents (and layout and slots, if
+        published), the rows of the chunks this cache does not know yet, and the references both hold
+        (``chunks`` names every base). Returns the version."""
+        if layout is not None and len(layout.slots) != len(extents):
+            layout = None  # not this version's (a malformed event): planned as unknown
+        vid = VersionId(
+            c.execute(
+                "INSERT INTO versions (inode, state, size, created_ns, layout, signature) VALUES (?,?,?,?,?,?)",
+                (
+                    ino,
+                    VersionState.REMOTE.value,
+                    size,
+                    mtime_ns,
+                    None if layout is None else layout.layout,
+                    None if layout is None else layout.signature,
+                ),
+            ).lastrowid
+            or 0
+        )
         new = []
         for r in chunks:
             cur = c.execute(
@@ -431,12 +472,14 @@ class Tiering:
                 new.append(r)
         # a new row holds its base, as record_stored does; each extent holds its chunk
         add_refs(c, Counter(r.base for r in new if r.base is not None))
+        slots = [None] * len(extents) if layout is None else layout.slots
         c.executemany(
-            "INSERT INTO extents (version, offset, length, chunk) VALUES (?,?,?,?)",
-            [(vid, off, n, cid) for off, n, cid in extents],
+            "INSERT INTO extents (version, offset, length, chunk, slot) VALUES (?,?,?,?,?)",
+            [(vid, off, n, cid, slot) for (off, n, cid), slot in zip(extents, slots, strict=True)],
         )
         add_refs(c, Counter(cid for *_span, cid in extents))
         c.execute("UPDATE inodes SET version=?, size=?, mtime_ns=? WHERE id=?", (vid, size, mtime_ns, ino))
+        return vid
 
     def uploaded_unpublished(self, vids: Iterable[VersionId]) -> None:
         """Versions whose chunks are all remote but no path shows them (fallbacks, unlinked files): they

@@ -50,7 +50,7 @@ def read_file(store: ObjectStore, ev: dict[str, Any], threads: int = 8) -> bytes
         return data
 
     parts = []
-    for off, length, cid in ev.get("extents", []):
+    for off, length, cid, *_slot in ev.get("extents", []):
         data = chunk(cid)
         if len(data) != length:
             raise CorruptChunk(f"chunk {cid} at offset {off} is {len(data)} bytes, the extent says {length}")

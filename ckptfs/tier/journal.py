@@ -9,7 +9,7 @@ from typing import Any
 
 import xxhash
 
-from ckptfs.meta.tiering import ChunkRow, Entry, Rank
+from ckptfs.meta.tiering import ChunkRow, Entry, FileLayout, Rank
 from ckptfs.tier.layout import path_text
 from ckptfs.types import ChunkId
 
@@ -30,10 +30,16 @@ def digest(e: Entry) -> bytes:
     return xxhash.xxh3_128_digest(key.encode())
 
 
-def event(e: Entry, extents: list[tuple[int, int, ChunkId]], chunks: Iterable[ChunkRow]) -> dict[str, Any]:
+def event(
+    e: Entry,
+    extents: list[tuple[int, int, ChunkId]],
+    chunks: Iterable[ChunkRow],
+    layout: FileLayout | None = None,
+) -> dict[str, Any]:
     """The journal event of a path. For a file, ``chunks`` holds every chunk of ``extents`` and their
     bases: object, offset, length, base, depth, plain length and codec of its frame, so a reader can
-    fetch a whole chain at once."""
+    fetch a whole chain at once; ``layout`` (if known) adds the version's layout, its signature and each
+    extent's slot as a fourth element, so a node that recovers it goes on coding deltas against it."""
     ev: dict[str, Any] = {
         "path": path_text(e.path),
         "kind": kind_of(e.mode),
@@ -44,7 +50,15 @@ def event(e: Entry, extents: list[tuple[int, int, ChunkId]], chunks: Iterable[Ch
     }
     if ev["kind"] == "file":
         ev["size"] = e.size
-        ev["extents"] = [[off, n, cid.hex()] for off, n, cid in extents]
+        if layout is not None and layout.signature is not None and len(layout.slots) == len(extents):
+            ev["layout"] = layout.layout
+            ev["signature"] = layout.signature
+            ev["extents"] = [
+                [off, n, cid.hex()] if slot is None else [off, n, cid.hex(), slot]
+                for (off, n, cid), slot in zip(extents, layout.slots, strict=True)
+            ]
+        else:
+            ev["extents"] = [[off, n, cid.hex()] for off, n, cid in extents]
         ev["chunks"] = {
             r.id.hex(): [
                 r.remote,

@@ -18,11 +18,20 @@ from typing import Any
 
 from ckptfs.backend.base import ObjectStore
 from ckptfs.errors import ObjectNotFound, UserError
+from ckptfs.files.chunks import ChunkIndex
 from ckptfs.meta import Database
-from ckptfs.meta.tiering import ChunkRow, ImportEntry, Rank, Tiering
+from ckptfs.meta.tiering import ChunkRow, FileLayout, ImportEntry, Rank, Tiering
 from ckptfs.tier import journal
-from ckptfs.tier.layout import JOURNAL_PREFIX, SNAPSHOT_PREFIX, Snapshot, decode_segment, decode_snapshot, path_bytes
-from ckptfs.types import ChunkId
+from ckptfs.tier.layout import (
+    JOURNAL_PREFIX,
+    SNAPSHOT_PREFIX,
+    Snapshot,
+    decode_segment,
+    decode_snapshot,
+    path_bytes,
+    path_text,
+)
+from ckptfs.types import ChunkId, VersionId
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -132,6 +141,48 @@ def _chunk_rows(ev: dict[str, Any]) -> list[ChunkRow]:
     return rows
 
 
+def _layout(ev: dict[str, Any]) -> FileLayout | None:
+    """The layout a file event publishes (None: none, e.g. content-defined chunks or an older writer)."""
+    signature = ev.get("signature")
+    if not isinstance(signature, str):
+        return None
+    layout = ev.get("layout")
+    slots = [None if len(x) < 4 or x[3] is None else str(x[3]) for x in ev["extents"]]
+    return FileLayout(None if layout is None else str(layout), signature, slots)
+
+
+def newest_of_each_layout(
+    ranked: dict[str, tuple[Rank, dict[str, Any]]], imported: list[ImportEntry]
+) -> dict[str, ImportEntry]:
+    """Per layout signature, the file the journal published last (the greatest rank): the one the node
+    that wrote it had as the delta base of that layout's next version."""
+    best: dict[str, tuple[Rank, ImportEntry]] = {}
+    for e in imported:
+        if e.layout is None or e.layout.signature is None:
+            continue
+        rank = ranked[path_text(e.path)][0]
+        cur = best.get(e.layout.signature)
+        if cur is None or rank > cur[0]:
+            best[e.layout.signature] = (rank, e)
+    return {sig: e for sig, (_, e) in best.items()}
+
+
+def _index_slots(db: Database, newest: dict[str, ImportEntry], vids: dict[bytes, VersionId]) -> int:
+    """The slot index of a recovered cache: each layout's newest file names the bases of its slots (so
+    the next save of that layout is stored as deltas, and the flattener makes its flat copies). One
+    transaction; returns how many layouts."""
+    n = 0
+    with db.transaction() as c:  # atomic: no await until commit
+        for sig, e in newest.items():
+            vid = vids.get(e.path)
+            if vid is None or e.layout is None or e.extents is None:
+                continue
+            slots = [(slot, cid) for (_o, _n, cid), slot in zip(e.extents, e.layout.slots, strict=True) if slot]
+            ChunkIndex.set_slots(c, sig, vid, slots)
+            n += 1
+    return n
+
+
 def entries(view: dict[str, Any]) -> list[ImportEntry]:
     """The view as rows to import, every directory before what it holds (missing parents are made)."""
     out: dict[bytes, ImportEntry] = {}
@@ -144,7 +195,17 @@ def entries(view: dict[str, Any]) -> list[ImportEntry]:
         if kind == "file":
             ext = [(int(o), int(n), ChunkId(bytes.fromhex(c))) for o, n, c, *_ in ev["extents"]]
             out[path] = ImportEntry(
-                path, mode, ev["uid"], ev["gid"], ev["mtime"], int(ev["size"]), False, None, ext, _chunk_rows(ev)
+                path,
+                mode,
+                ev["uid"],
+                ev["gid"],
+                ev["mtime"],
+                int(ev["size"]),
+                False,
+                None,
+                ext,
+                _chunk_rows(ev),
+                _layout(ev),
             )
         elif kind == "symlink":
             target = path_bytes(ev["target"])
@@ -176,7 +237,8 @@ def rebuild(db: Database, store: ObjectStore, progress: Progress | None = None) 
         return None
     ranked = view.winners
     rows = entries({p: ev for p, (_, ev) in ranked.items() if ev["kind"] != "gone"})
-    tiering.import_entries(rows)
+    vids = tiering.import_entries(rows)
+    _index_slots(db, newest_of_each_layout(ranked, rows), vids)
     # What this new incarnation has "published" is what it recovered: only later changes go in its journal;
     # and the refresh from other nodes starts after these segments, at these ranks.
     now = tiering.namespace()

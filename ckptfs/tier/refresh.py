@@ -160,6 +160,6 @@ class Refresher:
         (entry,) = [e for e in entries({path_text(path): ev}) if e.path == path]
         ino = self.tree.new_entry(parent, name, entry.mode, entry.uid, entry.gid, entry.target)
         if entry.extents is not None and entry.size:
-            self.tiering.import_version(ino, entry.size, entry.mtime_ns, entry.extents, entry.chunks)
+            self.tiering.import_version(ino, entry.size, entry.mtime_ns, entry.extents, entry.chunks, entry.layout)
         self.invalidate(parent, name)
         return ino

@@ -35,7 +35,7 @@ from ckptfs.errors import (
 )
 from ckptfs.files.workers import run_niced
 from ckptfs.meta import Database
-from ckptfs.meta.tiering import ChunkRow, Tiering
+from ckptfs.meta.tiering import ChunkRow, FileLayout, Tiering
 from ckptfs.tier import journal
 from ckptfs.tier.gcview import GcView
 from ckptfs.tier.layout import (
@@ -49,7 +49,7 @@ from ckptfs.tier.layout import (
     path_text,
     segment_key,
 )
-from ckptfs.types import VersionId, VersionState
+from ckptfs.types import ChunkId, VersionId, VersionState
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,9 @@ class Uploader:
             prev = old.get(e.path)
             if prev is not None and prev.digest == d:
                 continue
-            extents, rows = [], []
+            extents: list[tuple[int, int, ChunkId]] = []
+            rows: list[ChunkRow] = []
+            layout: FileLayout | None = None
             if journal.kind_of(e.mode) == "file" and e.version is not None:
                 if e.state == VersionState.STAGED.value:
                     waiting.add(e.inode)
@@ -363,10 +365,10 @@ class Uploader:
                     revive += rows
                     waiting.add(e.inode)
                     continue  # names an object a gc marked: its frames go up again first (a later round)
-                extents = self.tiering.extents(e.version)
+                extents, layout = self.tiering.extents(e.version)
                 if e.state == VersionState.LOCAL.value:
                     remote.append(e.version)
-            events.append(journal.event(e, extents, rows))
+            events.append(journal.event(e, extents, rows, layout))
             changes[e.path] = d
         for path, prev in old.items():
             if path not in seen:

@@ -571,3 +571,41 @@ def test_the_control_socket_survives_junk_and_clients_that_go_away(mount):
     st = _status(mount)  # the daemon is still there and answers
     assert st["failsafe"] is None
     assert mount.path("a.bin").stat().st_size == 2 << 20
+
+
+def test_a_recovered_node_codes_the_next_save_against_the_bucket_and_keeps_flat_copies(tmp_path, mount_factory):
+    """The journal publishes each version's layout signature and slots: a node that recovers the series
+    rebuilds the slot index from it, so its first save of that model is stored as deltas against the
+    newest checkpoint in the bucket (not keyframes), and its flattener makes the newest one's flat copies."""
+    import shutil
+
+    from tests.e2e.test_delta import deltas, train_series, versions
+    from tests.e2e.test_flatten import flat_files, wait_flat, wanted
+    from tests.helpers import assert_state_equal
+
+    store = f"file://{tmp_path / 'objects'}"
+    states = train_series(4, torch.float32, width=512)
+    a = mount_factory(store=store)
+    for i in range(3):
+        torch.save(states[i], a.path(f"step_{i}.pt"))
+        a.wait_local(f"step_{i}.pt")
+    a.cli("flush", "--wait", "--timeout", "120", str(a.mnt))
+    a.umount()
+    shutil.rmtree(a.cache)
+
+    b = mount_factory(store=store, cache=tmp_path / "node-b-cache")
+    wait_flat(b)
+    assert wanted(b), "the recovered slot index names no delta of the newest checkpoint"
+    assert set(flat_files(b)) == wanted(b)
+    torch.save(states[3], b.path("step_3.pt"))
+    b.wait_local("step_3.pt")
+    v = versions(b)["step_3.pt"]
+    # (against the newest's chunks, or the keyframes at their roots when those are not decoded at hand)
+    assert v["base_path"] in ("step_0.pt", "step_1.pt", "step_2.pt") and deltas(v) > 0, v
+    b.umount()
+    res = b.cli("fsck", "--cache", str(b.cache), "--verify-data", check=False)
+    assert " 0 problems" in res.stdout, res.stdout
+    b.start()
+    for i in range(4):
+        assert_state_equal(states[i], torch.load(b.path(f"step_{i}.pt")))
+    b.umount()
