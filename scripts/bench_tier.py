@@ -13,7 +13,8 @@ optimizer steps, N times. For each save:
 
 Then, on a new node each time (an empty cache mounted against the bucket: recovery, then a cold read):
 
-  (c) cold torch.load of the newest checkpoint vs boto3 ``download_fileobj`` + torch.load of it;
+  (c) cold torch.load of the newest checkpoint vs boto3 ``download_fileobj`` + torch.load of it; and
+      the same load after ``ckptfs warmup`` and the flat copies the recovered slot index asks for;
   (d) ``ckptfs warmup`` of the whole series, MB/s, vs boto3 downloads of the same files.
 
 Also the bucket bytes of each side. Prints a table (min / median / max) and writes JSON.
@@ -68,17 +69,11 @@ def requests_sent(cache: Path) -> int:
     return int(control.request(str(cache), {"op": "status"})["upload"]["requests"])
 
 
-
-
 def bucket_bytes(client, bucket: str) -> int:
     total = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         total += sum(o["Size"] for o in page.get("Contents", []))
     return total
-
-
-
-
 
 
 def main() -> int:
@@ -213,15 +208,31 @@ def main() -> int:
             t0 = time.perf_counter()
             cli(env, "warmup", str(mnt / "run7"))
             t_warm = time.perf_counter() - t0
+            # the recovered slot index names the newest's deltas: its flat copies are made in idle time
+            t0 = time.perf_counter()
+            st = wait_idle(cache)
+            t_flat = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            torch.load(mnt / "run7" / newest)
+            t_load = time.perf_counter() - t0
             umount(env, mnt)
             shutil.rmtree(cache)
             t0 = time.perf_counter()
             for s in results["saves"]:
                 client.download_fileobj("plain", s["file"], io.BytesIO(), Config=xfer)
             t_boto = time.perf_counter() - t0
-            warm.append({"warmup_mb_s": total / 1e6 / t_warm, "boto3_mb_s": total / 1e6 / t_boto})
+            warm.append(
+                {
+                    "warmup_mb_s": total / 1e6 / t_warm,
+                    "boto3_mb_s": total / 1e6 / t_boto,
+                    "flat_wait_s": t_flat,
+                    "flat_copies": st["cache"]["flat_copies"],
+                    "load_after_warmup_s": t_load,
+                }
+            )
             print(
-                f"  warmup {total / 1e6 / t_warm:.0f} MB/s (boto3 downloads {total / 1e6 / t_boto:.0f} MB/s)",
+                f"  warmup {total / 1e6 / t_warm:.0f} MB/s (boto3 downloads {total / 1e6 / t_boto:.0f} MB/s),"
+                f" then {st['cache']['flat_copies']} flat copies in {t_flat:.2f} s, torch.load {t_load:.2f} s",
                 flush=True,
             )
         results["warmup"] = warm
@@ -248,6 +259,14 @@ def main() -> int:
         "c_cold_load_s": mmm([c["cold_load_s"] for c in results["cold"]]),
         "c_boto3_load_s": mmm([c["boto3_load_s"] for c in results["cold"]]),
         "c_mount_and_recover_s": mmm([c["mount_and_recover_s"] for c in results["cold"]]),
+        "c_after_warmup_load_s": mmm([w["load_after_warmup_s"] for w in results["warmup"]]),
+        "c_after_warmup_ratio": mmm(
+            [
+                w["load_after_warmup_s"] / c["boto3_load_s"]
+                for w, c in zip(results["warmup"], results["cold"], strict=True)
+            ]
+        ),
+        "c_flat_wait_s": mmm([w["flat_wait_s"] for w in results["warmup"]]),
         "d_warmup_mb_s": mmm([w["warmup_mb_s"] for w in results["warmup"]]),
         "d_boto3_mb_s": mmm([w["boto3_mb_s"] for w in results["warmup"]]),
         "e_requests_per_file": mmm([float(s["requests"]) for s in saves]),
@@ -283,6 +302,12 @@ def main() -> int:
         f"| (c) cold torch.load, empty cache vs boto3 download + load (s) | {fmt(summary['c_cold_load_s'])} |"
         f" {fmt(summary['c_boto3_load_s'])} | {fmt(summary['c_cold_ratio'], 2)} |"
     )
+    print(
+        f"| (c) torch.load on a new node after `warmup` and its flat copies vs boto3 download + load (s) |"
+        f" {fmt(summary['c_after_warmup_load_s'])} | {fmt(summary['c_boto3_load_s'])}"
+        f" | {fmt(summary['c_after_warmup_ratio'], 2)} |"
+    )
+    print(f"| (c) flat copies made after `warmup` returned (s) | {fmt(summary['c_flat_wait_s'])} | | |")
     print(
         f"| (d) warmup of the series (MB/s) | {fmt(summary['d_warmup_mb_s'], 0)} | {fmt(summary['d_boto3_mb_s'], 0)}"
         " | |"
