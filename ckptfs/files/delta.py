@@ -4,8 +4,9 @@ A new version of a file finds, for each of its slots, the latest chunk stored fo
 with the same layout signature (``ChunkIndex.slot_bases``). That latest chunk is the base when
 
 * its chain is shorter than ``max_chain`` (so reading any chunk decodes at most ``max_chain`` deltas),
-* its plain bytes are still in the ingester's base cache (or it is a keyframe), so encoding never
-  decodes a chain: at most one base is decoded per piece, and
+* its plain bytes are still in the ingester's base cache, or it has a flat copy (``files.flatten``:
+  the newest of a slot after a remount or a recovery from the bucket), or it is a keyframe — so
+  encoding never decodes a chain: at most one base is decoded per piece, and
 * it is *live*: part of another existing file's current content (see ``choose_base``).
 
 Otherwise the base is the keyframe at the root of the latest chunk's chain, if that is live; else the
@@ -14,6 +15,8 @@ also written whenever the delta does not beat plain byte-grouped compression.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import encode, parse_header
@@ -48,10 +51,16 @@ def chain_root(chunks: ChunkIndex, cid: ChunkId) -> ChunkId | None:
 
 
 def choose_base(
-    chunks: ChunkIndex, candidate: SlotBase | None, max_chain: int, cache: BytesLRU, inode: InodeId
+    chunks: ChunkIndex,
+    candidate: SlotBase | None,
+    max_chain: int,
+    cache: BytesLRU,
+    inode: InodeId,
+    flat: Collection[ChunkId] = (),
 ) -> tuple[ChunkId, int, bytes | None] | None:
     """(base chunk, its depth, its plain bytes if cached) for a new piece of ``inode``, or None for a keyframe.
 
+    ``flat``: the chunks with a flat copy (the caller reads the bytes of such a base from it).
     A base must be *live*: part of another existing file's current content. A base that is not would
     be kept only for this delta — for an overwritten ``latest.pt`` or a file replaced by tmp + rename
     that costs more than storing a keyframe, since the old content is going away. Trio thread, no checkpoint.
@@ -61,7 +70,7 @@ def choose_base(
     cid, depth = candidate.chunk, candidate.depth
     if depth < max_chain:
         cached = cache.get(cid)
-        if (cached is not None or depth == 0) and _live(chunks, cid, inode):
+        if (cached is not None or depth == 0 or cid in flat) and _live(chunks, cid, inode):
             return cid, depth, cached
     root = chain_root(chunks, cid)
     if root is None or not _live(chunks, root, inode):

@@ -47,12 +47,13 @@ import trio
 from ckptfs import failpoints
 from ckptfs.cache import ChunkCache
 from ckptfs.codec import chunk_id
-from ckptfs.errors import CacheFull, FileChanged
+from ckptfs.errors import CacheFull, CorruptChunk, FileChanged
 from ckptfs.files.chunks import ChunkIndex, SlotBase
 from ckptfs.files.compact import Compactor, CompactSettings
 from ckptfs.files.contents import FileContents
 from ckptfs.files.cpuload import CpuLoad
 from ckptfs.files.delta import choose_base, encode_piece
+from ckptfs.files.flat import FlatCopies
 from ckptfs.files.gate import Gate
 from ckptfs.files.lru import BytesLRU
 from ckptfs.files.plan import plan_file
@@ -294,16 +295,20 @@ class Ingester:
             async def one(piece: Piece) -> None:
                 try:
                     candidate = slot_map.get(piece.slot) if piece.slot else None
-                    base = choose_base(self.chunks, candidate, s.max_chain, self.bases, inode)
+                    flat = self.contents.reader.flat
+                    base = choose_base(self.chunks, candidate, s.max_chain, self.bases, inode, flat.ids if flat else ())
+                    base_bytes = None if base is None else base[2]
                     if base is not None:
                         self.chunks.pin(base[0])
                         pinned.append(base[0])
+                        if base_bytes is None and base[1] > 0 and flat is not None:
+                            base_bytes = await self._flat_bytes(flat, base[0])
                     job = _PieceJob(
                         fd,
                         piece,
                         s.zstd_level,
                         None if base is None else base[0],
-                        None if base is None else base[2],
+                        base_bytes,
                         None if candidate is None else candidate.chunk,
                     )
                     if not piece.slot:  # content-defined: most often a duplicate; encode only what is new
@@ -393,6 +398,14 @@ class Ingester:
             os.close(fd)
             self.chunks.unpin(pinned)
             self.chunks.collect(set(pinned))
+
+    async def _flat_bytes(self, flat: FlatCopies, cid: ChunkId) -> bytes | None:
+        """A delta base's plain bytes from its flat copy; None if it has gone or is torn (then the
+        encode decodes the base's chain, as the reader does; the reader drops a bad copy)."""
+        try:
+            return await self.workers.run_background(flat.read, cid)
+        except (CorruptChunk, OSError):  # ChunkMissing is a CorruptChunk
+            return None
 
     def _keep_base(self, previous: SlotBase | None, cid: ChunkId, data: bytes) -> None:
         """Keep in memory what the next version of a slot will use as its base: this chunk, unless its

@@ -170,3 +170,29 @@ def test_over_the_cap_flat_copies_go_first_and_are_not_made_again(mount_factory)
     assert "dropped the flat copies" in m.log()
     assert_state_equal(states[2], torch.load(m.path("s2.pt")))  # read along the chain
     assert status(m)["cache"]["flat_reads"] == 0
+
+
+def test_after_a_remount_the_next_save_is_coded_against_the_newest_through_its_flat_copies(mount_factory):
+    """A remount (or a recovery) starts with no decoded bases in memory: a deep newest chunk served as a
+    base only if its chain were decoded, so the next save went back to the keyframes at the chains'
+    roots (older, larger deltas). Its flat copy is its plain bytes at a raw read's cost: the base."""
+    from tests.e2e.test_delta import deltas
+
+    states = train_series(4, torch.float32, width=512)
+    m = mount_factory()
+    for i in range(3):
+        torch.save(states[i], m.path(f"step_{i}.pt"))
+        m.wait_local(f"step_{i}.pt")
+    wait_flat(m)
+    assert flat_files(m) and set(flat_files(m)) == wanted(m)
+    m.umount()
+    m.start()
+    torch.save(states[3], m.path("step_3.pt"))
+    m.wait_local("step_3.pt")
+    v = versions(m)["step_3.pt"]
+    assert v["base_path"] == "step_2.pt" and deltas(v) > 0, v
+    assert v["max_depth"] == versions(m)["step_2.pt"]["max_depth"] + 1, v
+    assert_state_equal(states[3], torch.load(m.path("step_3.pt")))
+    m.umount()
+    res = m.cli("fsck", "--cache", str(m.cache), "--verify-data", check=False)
+    assert " 0 problems" in res.stdout, res.stdout
