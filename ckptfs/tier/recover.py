@@ -167,11 +167,10 @@ def newest_of_each_layout(
     return {sig: e for sig, (_, e) in best.items()}
 
 
-def _index_slots(db: Database, newest: dict[str, ImportEntry], vids: dict[bytes, VersionId]) -> int:
+def _index_slots(db: Database, newest: dict[str, ImportEntry], vids: dict[bytes, VersionId]) -> None:
     """The slot index of a recovered cache: each layout's newest file names the bases of its slots (so
     the next save of that layout is stored as deltas, and the flattener makes its flat copies). One
-    transaction; returns how many layouts."""
-    n = 0
+    transaction."""
     with db.transaction() as c:  # atomic: no await until commit
         for sig, e in newest.items():
             vid = vids.get(e.path)
@@ -179,8 +178,6 @@ def _index_slots(db: Database, newest: dict[str, ImportEntry], vids: dict[bytes,
                 continue
             slots = [(slot, cid) for (_o, _n, cid), slot in zip(e.extents, e.layout.slots, strict=True) if slot]
             ChunkIndex.set_slots(c, sig, vid, slots)
-            n += 1
-    return n
 
 
 def entries(view: dict[str, Any]) -> list[ImportEntry]:
