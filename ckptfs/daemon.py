@@ -337,6 +337,7 @@ class _Components:
         self.idle_backlog = cfg.ingest.idle_backlog_mb * MiB
         self.idle_wait = cfg.ingest.idle_wait_s
         self.workers.urgent = self.encoding_urgent
+        self.workers.no_core = self.ingester.others_leave_no_core
 
     def encoding_urgent(self) -> bool:
         """Encoding stops waiting for idle cores: at unmount, while someone waits for the store

@@ -34,14 +34,18 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import GPT, fmt, mmm, mount, umount, wait_idle
+from benchlib import GPT, cpu_seconds, fmt, mmm, mount, umount, wait_idle
+
+from ckptfs import daemon
 
 
 def run(
     model: GPT, opt: torch.optim.Optimizer, data: torch.Tensor, args: argparse.Namespace, out: Path | None
-) -> float:
-    """Seconds for ``args.steps`` training steps, saving every ``args.every`` into ``out`` (None: never)."""
+) -> tuple[float, float]:
+    """Seconds for ``args.steps`` training steps, saving every ``args.every`` into ``out`` (None: never),
+    and the seconds of those that the ``torch.save`` calls took."""
     t0 = time.perf_counter()
+    saving = 0.0
     for s in range(1, args.steps + 1):
         batch = data[s % 8 :: 8][: args.batch]
         loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
@@ -49,8 +53,10 @@ def run(
         opt.step()
         opt.zero_grad()
         if out is not None and s % args.every == 0:
+            t1 = time.perf_counter()
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / f"step_{s:06d}.pt")
-    return time.perf_counter() - t0
+            saving += time.perf_counter() - t1
+    return time.perf_counter() - t0, saving
 
 
 def main() -> int:
@@ -85,6 +91,8 @@ def main() -> int:
     data = torch.randint(0, args.vocab, (64, args.ctx + 1))
     params = sum(p.numel() for p in model.parameters())
     times: dict[str, list[float]] = {c: [] for c in conditions}
+    saving: dict[str, list[float]] = {c: [] for c in conditions if c != "none"}
+    daemon_cpu: dict[str, list[float]] = {c: [] for c in conditions if c in mounts}
     catch_up: dict[str, list[float]] = {c: [] for c in conditions if c in mounts}
     try:
         run(model, opt, data, argparse.Namespace(**{**vars(args), "steps": 3}), None)  # warm up (allocator, threads)
@@ -95,10 +103,17 @@ def main() -> int:
                 if c in mounts:
                     wait_idle(work / f"cache-{c}")
                 os.sync()
-                dt = run(model, opt, data, args, out)
+                pid = daemon.read_pid(str(work / f"cache-{c}")) if c in mounts else None
+                c0 = cpu_seconds(pid) if pid else 0.0
+                dt, dsave = run(model, opt, data, args, out)
                 times[c].append(dt)
                 line = f"rep {rep}: {c:>8} {dt:7.2f} s ({dt / args.steps * 1e3:.0f} ms/step)"
                 if out is not None:
+                    saving[c].append(dsave)
+                    line += f", saves {dsave:.1f} s"
+                    if pid:
+                        daemon_cpu[c].append(cpu_seconds(pid) - c0)
+                        line += f", daemon CPU in the loop {daemon_cpu[c][-1]:.1f} s"
                     if c in mounts:
                         t0 = time.perf_counter()
                         wait_idle(work / f"cache-{c}")
@@ -115,7 +130,8 @@ def main() -> int:
 
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # + AdamW's 2 moments
     results: dict = {"params": params, "state_bytes": size, "steps": args.steps, "every": args.every,
-                     "reps": args.reps, "seconds": times, "catch_up_seconds": catch_up, "loss": {}}
+                     "reps": args.reps, "seconds": times, "save_seconds": saving, "daemon_cpu_in_loop": daemon_cpu,
+                     "catch_up_seconds": catch_up, "loss": {}}
     print(f"\n{params / 1e6:.1f}M-parameter GPT (~{size / 1e6:.0f} MB state), {args.steps} steps, a save every"
           f" {args.every}, {args.reps} paired repetitions")
     print(f"{'condition':>9} | {'seconds (min / median / max)':>28} | {'catch-up s':>18} |"

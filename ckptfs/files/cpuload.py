@@ -6,13 +6,17 @@ out of the caches, the memory bus or a core's SMT sibling: measured on a 2-core 
 on SCHED_IDLE threads, 11 % once compaction waited for this signal. Compaction is an
 optimisation, so it waits until the others leave a core free. From ``/proc/stat`` (every process's
 CPU time) minus this process's own (``/proc/self/stat``), over the time since the previous look.
+
+The daemon counts only its idle-pool threads as its own (``thread_ticks``): the work that waits
+for a free core must not count itself, but the daemon's FUSE loop serving a ``torch.save`` is
+the trainer's work as much as the trainer's own thread is.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -24,10 +28,26 @@ def _proc_stat() -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
+def _ticks(stat: str) -> int:
+    """User + system clock ticks from a ``/proc/.../stat`` line."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def _own_ticks() -> int:
     """This process's user + system clock ticks (all threads)."""
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return _ticks(Path("/proc/self/stat").read_text())
+
+
+def thread_ticks(tids: Iterable[int]) -> int:
+    """User + system clock ticks of these threads of this process (one that has exited counts 0)."""
+    total = 0
+    for tid in tids:
+        try:
+            total += _ticks(Path(f"/proc/self/task/{tid}/stat").read_text())
+        except (OSError, ValueError):
+            pass
+    return total
 
 
 class CpuLoad:

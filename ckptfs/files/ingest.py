@@ -51,7 +51,7 @@ from ckptfs.errors import CacheFull, CorruptChunk, FileChanged
 from ckptfs.files.chunks import ChunkIndex, SlotBase
 from ckptfs.files.compact import Compactor, CompactSettings
 from ckptfs.files.contents import FileContents
-from ckptfs.files.cpuload import CpuLoad
+from ckptfs.files.cpuload import CpuLoad, thread_ticks
 from ckptfs.files.delta import choose_base, encode_piece
 from ckptfs.files.flat import FlatCopies
 from ckptfs.files.gate import Gate
@@ -157,7 +157,8 @@ class Ingester:
         self.repacker = Repacker(
             chunks, workers, self.gate, self.busy, RepackSettings(settings.max_chain, settings.zstd_level)
         )
-        self.load = CpuLoad()
+        # the idle pool's threads are this daemon's deferrable work; its FUSE loop is not
+        self.load = CpuLoad(own_ticks=lambda: thread_ticks(tuple(workers.idle_threads)))
         self.compactor = Compactor(chunks, workers, self.gate, self.no_idle_core, CompactSettings(settings.pco_level))
         self.reverser = (
             Reverser(
@@ -174,10 +175,14 @@ class Ingester:
         nothing is re-encoded then."""
         return self.health.failsafe or self.pending > 0 or time.monotonic() - self.contents.last_write < _QUIET_S
 
+    def others_leave_no_core(self) -> bool:
+        """The other processes leave less than ``idle_cores`` cores free (a trainer on the CPU)."""
+        return self.load.free_cores() < self.settings.idle_cores
+
     def no_idle_core(self) -> bool:
-        """``busy``, or the other processes leave less than ``idle_cores`` cores free (a trainer on
-        the CPU): the optional re-encodings (compaction, reverse deltas) wait for real idle time."""
-        no_core = self.load.free_cores() < self.settings.idle_cores  # first: it keeps the load sampled
+        """``busy``, or ``others_leave_no_core``: the optional re-encodings (compaction, reverse
+        deltas) wait for real idle time."""
+        no_core = self.others_leave_no_core()  # first: it keeps the load sampled
         return self.busy() or no_core
 
     def submit(self, inode: InodeId, vid: VersionId) -> None:

@@ -15,6 +15,7 @@ from typing import TypeVar
 import trio
 
 T = TypeVar("T")
+_CORE_POLL_S = 0.1  # how often background work waiting for a free core looks again
 
 
 def _set_nice(nice: int) -> None:
@@ -52,9 +53,12 @@ class Workers:
     fsync).
 
     Background CPU work runs ``SCHED_IDLE`` when ``idle`` is set (a trainer on the same cores keeps
-    them), unless ``urgent()`` says the backlog has grown too large to wait for idle cores (then it
-    runs at ``nice`` like the I/O). Background I/O is never idle-scheduled: durable marks come due
-    ``cache.durable_after_s`` after a close whatever the trainer does."""
+    them), and does not start while ``no_core()`` says the other processes leave no core free: a
+    SCHED_IDLE thread still takes the trainer's caches, memory bandwidth and SMT sibling, and the
+    gaps a CPU trainer leaves are milliseconds long. Both unless ``urgent()`` says the backlog has
+    grown too large to wait for idle cores (then it runs at ``nice`` like the I/O). Background I/O is
+    never idle-scheduled: durable marks come due ``cache.durable_after_s`` after a close whatever the
+    trainer does."""
 
     background: trio.CapacityLimiter
     foreground: trio.CapacityLimiter
@@ -62,6 +66,8 @@ class Workers:
     io: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(4))
     idle: bool = False
     urgent: Callable[[], bool] = lambda: False
+    no_core: Callable[[], bool] = lambda: False
+    idle_threads: list[int] = field(default_factory=list)  # native ids of the SCHED_IDLE pool's threads
     _idle_pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -70,9 +76,11 @@ class Workers:
 
     async def run_background(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a low-priority worker thread. Checkpoints; not cancellable mid-call."""
-        if self.idle and not self.urgent():
-            async with self.background:
-                return await self._run_idle(fn, *args)
+        while self.idle and not self.urgent():
+            if not self.no_core():
+                async with self.background:
+                    return await self._run_idle(fn, *args)
+            await trio.sleep(_CORE_POLL_S)
         return await self._run_niced(self.background, fn, *args)
 
     async def run_io(self, fn: Callable[..., T], *args: object) -> T:
@@ -87,7 +95,7 @@ class Workers:
         while it runs."""
         if self._idle_pool is None:
             self._idle_pool = ThreadPoolExecutor(
-                int(self.background.total_tokens), thread_name_prefix="ckptfs-idle", initializer=_become_idle
+                int(self.background.total_tokens), thread_name_prefix="ckptfs-idle", initializer=self._idle_thread
             )
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
@@ -96,6 +104,10 @@ class Workers:
         with trio.CancelScope(shield=True):
             await done.wait()
         return future.result()
+
+    def _idle_thread(self) -> None:
+        _become_idle()
+        self.idle_threads.append(threading.get_native_id())
 
     async def run_foreground(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` in a normal-priority worker thread (reads a user waits for)."""

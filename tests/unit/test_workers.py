@@ -82,3 +82,38 @@ def test_cpu_load_reads_this_machine():
     load.others_busy()
     sum(i * i for i in range(200_000))  # our own work is not "others"
     assert 0.0 <= load.others_busy() <= load.cores
+
+
+def test_idle_work_waits_while_other_processes_leave_no_core_free():
+    """SCHED_IDLE alone still takes a CPU trainer's gaps; encoding does not start until a core is free."""
+    workers = Workers.create(1, nice=10, idle=True)
+    taken = [True]
+    workers.no_core = lambda: taken[0]
+    ran: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run_background, lambda: ran.append(1.0))
+            await trio.sleep(0.5)
+            assert ran == []  # still waiting for a core
+            taken[0] = False
+        assert len(ran) == 1
+        taken[0] = True
+        workers.urgent = lambda: True  # a backlog, a flush, an unmount: no waiting for a core either
+        with trio.fail_after(5):
+            assert await workers.run_background(_policy) == (os.SCHED_OTHER, 10)
+
+    trio.run(main)
+
+
+def test_cpu_load_counts_only_the_given_threads_as_its_own():
+    """The daemon's FUSE loop serving a save is busy time like the trainer's; its idle pool is not."""
+    import threading
+
+    from ckptfs.files.cpuload import thread_ticks
+
+    tid = threading.get_native_id()
+    before = thread_ticks([tid])
+    sum(i * i for i in range(3_000_000))
+    assert thread_ticks([tid]) > before
+    assert thread_ticks([2**30]) == 0  # a thread that is gone counts nothing
