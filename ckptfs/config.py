@@ -123,6 +123,7 @@ class MountConfig:
     drain_seconds: float = 120.0  # on unmount, wait this long for staged versions to be ingested
     fuse_device: str = "/dev/fuse"
     read_ahead_kb: int = 4096  # the kernel's read-ahead for the mount (root only; 0 = the kernel's 128)
+    direct_writes: bool = True  # write-only opens bypass the kernel's page cache (fuse.ops; kernel >= 6.6)
 
 
 @dataclass(frozen=True, slots=True)

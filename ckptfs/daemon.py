@@ -46,7 +46,7 @@ from ckptfs.files.flat import FlatCopies
 from ckptfs.files.flatten import Flattener
 from ckptfs.files.ingest import IngestSettings
 from ckptfs.fsutil import fsync_dir
-from ckptfs.fuse import Operations
+from ckptfs.fuse import Operations, direct_writes_supported
 from ckptfs.fuse.readahead import set_read_ahead
 from ckptfs.health import Health, guarded
 from ckptfs.meta import Database, Versions
@@ -527,7 +527,10 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
         async def remote_fsync(paths: list[bytes]) -> None:
             await uploader.wait_paths(paths, timeout)
 
-    pyfuse3.init(Operations(c.tree, cfg.cache.dir, c.health, remote_fsync), mountpoint, options)
+    direct = cfg.mount.direct_writes and direct_writes_supported(os.uname().release)
+    if cfg.mount.direct_writes and not direct:
+        log.info("mount.direct_writes off: kernel %s is older than 6.6", os.uname().release)
+    pyfuse3.init(Operations(c.tree, cfg.cache.dir, c.health, remote_fsync, direct), mountpoint, options)
     clean = False
     try:
         async with trio.open_nursery() as nursery:

@@ -11,6 +11,8 @@ conditions, one after another within a repetition (the order rotates between rep
   niced     the scheduling before ``ingest.idle``: encoding at nice 10 instead of SCHED_IDLE, and
             compaction whenever ingest is quiet (``ingest.idle_cores = 0``)
   reverse   into a ckptfs mount with ``ingest.newest_keyframe = true``
+  cached    into a ckptfs mount with ``mount.direct_writes = false`` (the writes go through the
+            mount's page cache, as before that option)
 
 The training loop's wall time includes the saves (what a synchronous trainer pays) and whatever the
 daemon's background work takes from it meanwhile. The daemon's work left when the loop ends is not
@@ -80,6 +82,7 @@ def main() -> int:
         "ckptfs": {},
         "niced": {"CKPTFS_INGEST_IDLE": "false", "CKPTFS_INGEST_IDLE_CORES": "0"},
         "reverse": {"CKPTFS_INGEST_NEWEST_KEYFRAME": "true"},
+        "cached": {"CKPTFS_MOUNT_DIRECT_WRITES": "false"},
     }
     for name, extra in mounts.items():
         if name in conditions:
@@ -129,13 +132,26 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 3  # + AdamW's 2 moments
-    results: dict = {"params": params, "state_bytes": size, "steps": args.steps, "every": args.every,
-                     "reps": args.reps, "seconds": times, "save_seconds": saving, "daemon_cpu_in_loop": daemon_cpu,
-                     "catch_up_seconds": catch_up, "loss": {}}
-    print(f"\n{params / 1e6:.1f}M-parameter GPT (~{size / 1e6:.0f} MB state), {args.steps} steps, a save every"
-          f" {args.every}, {args.reps} paired repetitions")
-    print(f"{'condition':>9} | {'seconds (min / median / max)':>28} | {'catch-up s':>18} |"
-          f" {'loss 1 - T_none / T (%)':>23} | T / T_plain (paired)")
+    results: dict = {
+        "params": params,
+        "state_bytes": size,
+        "steps": args.steps,
+        "every": args.every,
+        "reps": args.reps,
+        "seconds": times,
+        "save_seconds": saving,
+        "daemon_cpu_in_loop": daemon_cpu,
+        "catch_up_seconds": catch_up,
+        "loss": {},
+    }
+    print(
+        f"\n{params / 1e6:.1f}M-parameter GPT (~{size / 1e6:.0f} MB state), {args.steps} steps, a save every"
+        f" {args.every}, {args.reps} paired repetitions"
+    )
+    print(
+        f"{'condition':>9} | {'seconds (min / median / max)':>28} | {'catch-up s':>18} |"
+        f" {'loss 1 - T_none / T (%)':>23} | T / T_plain (paired)"
+    )
     results["vs_plain"] = {}
     for c in conditions:
         after = fmt(mmm(catch_up[c]), 1) if c in catch_up else "-"

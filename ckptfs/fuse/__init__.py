@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ckptfs.fuse.ops import Operations
+from ckptfs.fuse.ops import Operations, direct_writes_supported
 
-__all__ = ["Operations"]
+__all__ = ["Operations", "direct_writes_supported"]

@@ -90,6 +90,18 @@ def _edge(*, writes: bool = False) -> Callable[[Handler[P, R]], Handler[P, R]]:
     return deco
 
 
+def direct_writes_supported(release: str) -> bool:
+    """Does this kernel (``os.uname().release``) drop cached pages under a FOPEN_DIRECT_IO write? Since
+    6.6 (``fuse_direct_io``: ``invalidate_inode_pages2_range``); before, a reader's kept pages could go
+    stale."""
+    parts = release.split(".")
+    try:
+        major, minor = int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= (6, 6)
+
+
 def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = InodeT(attr.ino)
@@ -125,6 +137,7 @@ class Operations(pyfuse3.Operations):
         statfs_path: str,
         health: Health,
         remote_fsync: Callable[[list[bytes]], Awaitable[None]] | None = None,
+        direct_writes: bool = False,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -132,6 +145,17 @@ class Operations(pyfuse3.Operations):
         self.health = health
         # upload.fsync_remote: fsync(2) of a closed file's fd returns once its paths are in the store
         self.remote_fsync = remote_fsync
+        self.direct_writes = direct_writes
+
+    def _direct(self, flags: int) -> bool:
+        """``mount.direct_writes``: a write-only open (``torch.save``'s ``"wb"``) bypasses the kernel's page
+        cache (FOPEN_DIRECT_IO): each write(2) reaches us straight from the writer's pages instead of
+        being copied into the mount's page cache first — a checkpoint no longer occupies that memory
+        twice (here and in the staging file), and a 300 MB save took 3-4x less time. Reads through other
+        handles keep the cache: the kernel drops the cached pages of each range a direct write covers
+        (since 6.6, which ``direct_writes_supported`` checks). Not for O_RDWR: a direct-io file cannot be
+        mmap()ed shared."""
+        return self.direct_writes and (flags & os.O_ACCMODE) == os.O_WRONLY
 
     @_edge()
     async def lookup(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> pyfuse3.EntryAttributes:
@@ -237,7 +261,7 @@ class Operations(pyfuse3.Operations):
         # only through this kernel's writes and truncates (which update its pages); ingest never changes
         # them, and another node's version of a path arrives as a new inode (tier.refresh).
         fh = await self.tree.open(InodeId(inode), flags)
-        return pyfuse3.FileInfo(fh=FileHandleT(fh), keep_cache=True)
+        return pyfuse3.FileInfo(fh=FileHandleT(fh), keep_cache=True, direct_io=self._direct(flags))
 
     @_edge(writes=True)
     async def create(
@@ -246,7 +270,7 @@ class Operations(pyfuse3.Operations):
         fh, attr = await self.tree.create(
             InodeId(parent_inode), bytes(name), mode & ~ctx.umask, flags, ctx.uid, ctx.gid
         )
-        return pyfuse3.FileInfo(fh=FileHandleT(fh)), _entry(attr)
+        return pyfuse3.FileInfo(fh=FileHandleT(fh), direct_io=self._direct(flags)), _entry(attr)
 
     @_edge()
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:

@@ -69,6 +69,55 @@ def test_the_page_cache_keeps_a_file_across_opens_and_the_switch_to_local(mount_
     m.umount()
 
 
+def _resident_pages(path) -> int:
+    """How many of the file's pages are in the kernel's page cache: mincore(2) of a read-only mapping
+    (which faults nothing in)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+            if libc.mincore(addr, size, vec):
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(v & 1 for v in vec)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_write_only_save_does_not_fill_the_mounts_page_cache(mount_factory, direct):
+    """mount.direct_writes: torch.save's "wb" writes reach the daemon straight from the writer's pages, so
+    a checkpoint is not held twice in memory (the mount's pages and the staging file's). Read-write
+    opens keep going through the page cache (a direct-io file cannot be mmap()ed shared)."""
+    m = mount_factory(env={"CKPTFS_MOUNT_DIRECT_WRITES": str(direct).lower()})
+    data = os.urandom(4 * MiB)
+    pages = len(data) // os.sysconf("SC_PAGE_SIZE")
+    with open(m.path("f"), "wb") as f:
+        f.write(data)
+        f.flush()
+        assert _resident_pages(m.path("f")) == (0 if direct else pages)
+    assert m.path("f").read_bytes() == data
+    with open(m.path("g"), "w+b") as f:
+        f.write(data)
+        f.flush()
+        assert _resident_pages(m.path("g")) == pages
+    assert m.path("g").read_bytes() == data
+    m.umount()
+
+
 def test_a_rewritten_path_never_serves_the_old_bytes(mount_factory, tmp_path):
     url = f"file://{tmp_path / 'objects'}"
     a = mount_factory(store=url, env={"CKPTFS_NODE_ID": "node-a"})
@@ -94,6 +143,13 @@ def test_a_rewritten_path_never_serves_the_old_bytes(mount_factory, tmp_path):
         f.seek(MiB)
         f.write(versions[3][:MiB])
     expected = versions[2][:MiB] + versions[3][:MiB] + versions[2][2 * MiB :]
+    cached(expected)
+    fd = os.open(a.path("ckpt.pt"), os.O_WRONLY)  # in place, write-only: a direct write (mount.direct_writes)
+    try:
+        os.pwrite(fd, versions[5][:MiB], 2 * MiB)
+    finally:
+        os.close(fd)
+    expected = expected[: 2 * MiB] + versions[5][:MiB] + expected[3 * MiB :]
     cached(expected)
     os.truncate(a.path("ckpt.pt"), MiB)
     cached(expected[:MiB])

@@ -27,8 +27,8 @@ def test_precedence_flags_over_env_over_file(tmp_path):
         ("[cache]\ncolour = 1\n", "unknown key cache.colour"),
         ("[cache]\nreserve_mb = 'lots'\n", "must be an integer"),
         ("[cache]\nreserve_mb = 10.5\n", "cache.reserve_mb must be an integer, got 10.5"),
-        ("[cache]\nreserve_mb = \"10\"\n", "cache.reserve_mb must be an integer, got '10'"),
-        ("[mount]\ndrain_seconds = \"5\"\n", "must be a number"),
+        ('[cache]\nreserve_mb = "10"\n', "cache.reserve_mb must be an integer, got '10'"),
+        ('[mount]\ndrain_seconds = "5"\n', "must be a number"),
         ("[mount]\nallow_other = 1\n", "true or false"),
         ("[cache]\ndir = 5\n", "cache.dir must be a str"),
         ("[mount]\nallow_other = 'maybe'\n", "true or false"),
@@ -119,3 +119,20 @@ def test_the_example_config_names_every_key_and_loads():
         keys = {f.name for f in dataclasses.fields(getattr(config.Config(), section))}
         assert set(data.get(section, {})) == keys, section
     config.load(str(path), {}, {})
+
+
+@pytest.mark.parametrize(
+    ("release", "ok"),
+    [
+        ("6.18.0-cloud-amd64", True),
+        ("6.6.1", True),
+        ("6.5.0-41-generic", False),
+        ("5.15.0", False),
+        ("7.0", True),
+        ("x", False),
+    ],
+)
+def test_direct_writes_need_a_kernel_that_drops_pages_under_them(release, ok):
+    from ckptfs.fuse import direct_writes_supported
+
+    assert direct_writes_supported(release) is ok
