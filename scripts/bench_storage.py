@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import zstandard
 from benchlib import GPT, cpu_seconds, wait_idle
+from benchlib import wait_local as wait_ingested
 
 SERIES = ("finetune-fp32", "pretrain-bf16", "frozen-adapters", "latest-overwrite", "hf-rotation")
 
@@ -120,7 +121,7 @@ def write_series(
     kept: dict[Path, bytes] = {}
 
     def wait_local(paths: list[Path]) -> float:
-        return _wait_local(paths) if paced else 0.0
+        return wait_ingested(paths) if paced else 0.0
 
     states = train_states(args, series)
     if not paced:  # train first, then save as fast as the mount takes it: faster than ingest
@@ -167,7 +168,7 @@ def write_series(
             logical += len(b)
             kept[p] = b
     if not paced:  # from the first save to the last one's ingest: sustained throughput
-        _wait_local(list(kept))
+        wait_ingested(list(kept))
         ingesting, cpu = time.perf_counter() - t0, cpu_seconds(daemon) - c0
     return logical, ingesting, cpu, list(kept.items())
 
@@ -189,19 +190,6 @@ def wait_settled(db_path: Path, timeout: float = 600) -> None:
             time.sleep(0.2)
     finally:
         db.close()
-
-
-def _wait_local(paths: list[Path]) -> float:
-    """Seconds until every path is ingested (counted from the call, i.e. from the last close).
-
-    Polls every 25 ms: each poll is a FUSE getxattr that the daemon answers, and at 10 ms the polls
-    were ~3 % of the daemon CPU the benchmark charges to ingest. The wall time may read up to 25 ms
-    long (2-3 % of one version's ingest here)."""
-    t0 = time.perf_counter()
-    for p in paths:
-        while os.getxattr(p, "user.ckptfs.state") == b"staged":
-            time.sleep(0.025)
-    return time.perf_counter() - t0
 
 
 def main() -> int:

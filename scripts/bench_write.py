@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import wait_local
 
 
 def make_state(params_m: float) -> dict:
@@ -58,15 +59,6 @@ def timed_save(state: dict, path: Path, fsync: bool) -> float:
         if fsync:
             f.flush()
             os.fsync(f.fileno())
-    return time.perf_counter() - t0
-
-
-def wait_local(path: Path, timeout: float = 600) -> float:
-    t0 = time.perf_counter()
-    while os.getxattr(path, "user.ckptfs.state") == b"staged":
-        if time.perf_counter() - t0 > timeout:
-            raise TimeoutError(f"{path} not ingested after {timeout}s")
-        time.sleep(0.01)
     return time.perf_counter() - t0
 
 
@@ -180,7 +172,7 @@ def main() -> int:
                     m.bytes[key][1] += size
                     d = wait_durable(path, m.db, size)
                     durable.setdefault(f"{m.name} {key}", []).append(d)
-                    secs = d + wait_local(path)  # close -> local
+                    secs = d + wait_local([path], poll=0.01)  # close -> local
                     if m.name == "ckptfs":
                         ingest_mbps.append(size / 1e6 / max(secs, 1e-3))
 
@@ -205,7 +197,7 @@ def main() -> int:
             m.bytes["back-to-back"][1] += p.stat().st_size
             durable.setdefault("ckptfs back-to-back", []).append(wait_durable(p, m.db, p.stat().st_size))
         for p in paths:
-            wait_local(p)
+            wait_local([p])
         settle(m)
         stats = subprocess.run([*CKPTFS, "stats", "--json", str(m.mnt)], check=True, capture_output=True, text=True)
     finally:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptfs.backend.base import ObjectInfo, ObjectStore
-from ckptfs.errors import ObjectNotFound, UserError
+from ckptfs.errors import UserError
 from ckptfs.meta.tiering import Rank
 from ckptfs.tier.layout import (
     GC_PREFIX,
@@ -34,7 +34,7 @@ from ckptfs.tier.layout import (
     read_pack_index,
     snapshot_key,
 )
-from ckptfs.tier.recover import JournalView, read_journal
+from ckptfs.tier.recover import JournalView, newest_decodable, read_journal
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,12 @@ class GcReport:
 def newest_record(store: ObjectStore) -> tuple[list[str], GcRecord | None]:
     """(every gc record's key, the newest record). The newest must decode: raises ``UserError`` if it
     does not (what it marks is unknown, so neither a sweep nor a writer may go on). Raises ``BackendError``."""
-    keys = sorted(store.list(GC_PREFIX))
-    for key in reversed(keys):
-        try:
-            return keys, decode_gc_record(store.get(key))
-        except ObjectNotFound:
-            continue  # superseded and deleted by a gc since the listing
-        except ValueError as exc:
-            raise UserError(f"gc record {key} is unreadable ({exc}); delete it if it is not ckptfs's") from None
-    return keys, None
+
+    def unreadable(key: str, exc: ValueError) -> None:
+        raise UserError(f"gc record {key} is unreadable ({exc}); delete it if it is not ckptfs's") from None
+
+    keys, newest = newest_decodable(store, GC_PREFIX, decode_gc_record, unreadable)
+    return keys, None if newest is None else newest[1]
 
 
 def live_frames(winners: dict[str, tuple[Rank, dict[str, Any]]]) -> dict[str, set[tuple[int, int]]]:

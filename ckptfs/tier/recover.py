@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ckptfs.backend.base import ObjectStore
 from ckptfs.errors import ObjectNotFound, UserError
@@ -34,6 +34,7 @@ from ckptfs.tier.layout import (
 from ckptfs.types import ChunkId, VersionId
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Progress = Callable[[int, int], None]
 
 
@@ -46,22 +47,35 @@ class Recovered:
     bytes: int
 
 
+def newest_decodable(
+    store: ObjectStore, prefix: str, decode: Callable[[bytes], T], unreadable: Callable[[str, ValueError], None]
+) -> tuple[list[str], tuple[str, T] | None]:
+    """The keys under ``prefix`` (sorted) and the newest (key, decoded object) among them. An object
+    deleted since the listing is skipped; one that does not decode goes to ``unreadable``, which raises
+    to stop or returns to try the one before. Raises ``BackendError``."""
+    keys = sorted(store.list(prefix))
+    for key in reversed(keys):
+        try:
+            return keys, (key, decode(store.get(key)))
+        except ObjectNotFound:
+            continue  # superseded and deleted since the listing
+        except ValueError as exc:
+            unreadable(key, exc)
+    return keys, None
+
+
 def newest_snapshot(store: ObjectStore, strict: bool = False) -> tuple[str, Snapshot] | None:
     """(key, snapshot) of the newest journal snapshot, or None. One
     that cannot be read is skipped with a warning for the one before it — which, with the segments
     still listed, is complete too (a gc deletes only the segments the snapshot before the newest
     covers) — unless ``strict``: then ``UserError``. Raises ``BackendError``."""
-    keys = sorted(store.list(SNAPSHOT_PREFIX))
-    for key in reversed(keys):
-        try:
-            return key, decode_snapshot(store.get(key))
-        except ObjectNotFound:
-            continue  # superseded and deleted since the listing
-        except ValueError as exc:
-            if strict:
-                raise UserError(f"journal snapshot {key} is unreadable ({exc})") from None
-            log.warning("journal snapshot %s is unreadable (%s); using the one before it", key, exc)
-    return None
+
+    def unreadable(key: str, exc: ValueError) -> None:
+        if strict:
+            raise UserError(f"journal snapshot {key} is unreadable ({exc})") from None
+        log.warning("journal snapshot %s is unreadable (%s); using the one before it", key, exc)
+
+    return newest_decodable(store, SNAPSHOT_PREFIX, decode_snapshot, unreadable)[1]
 
 
 @dataclass(frozen=True, slots=True)
