@@ -174,6 +174,21 @@ class ChunkCache:
                 raise CacheFull(f"cache disk full while storing chunk {cid.hex()}") from exc
             raise
 
+    def get_file_split(self, cid: ChunkId, head: int) -> tuple[bytes, bytes]:
+        """The chunk file's first ``head`` bytes and the rest, read apart (so the rest is one buffer the
+        caller may keep as it is). Files only: no small frame, no store. Raises ``ChunkMissing``."""
+        try:
+            fd = os.open(self.path(cid), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ChunkMissing(f"chunk {cid.hex()} is missing from the local cache") from None
+        try:
+            size = os.fstat(fd).st_size
+            first = os.pread(fd, min(head, size), 0)
+            rest = os.pread(fd, size - len(first), len(first)) if size > len(first) else b""
+        finally:
+            os.close(fd)
+        return first, rest
+
     def get(self, cid: ChunkId) -> bytes:
         """Return the stored frame: the small one if there is one (a file left behind when a frame
         shrank is stale), else the file's, else the store's (kept as a file from then on, if there is

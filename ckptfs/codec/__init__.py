@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
-from ckptfs.codec.frame import Codec, FrameHeader, decode, encode, encode_pco, encode_raw, parse_header
+from ckptfs.codec.frame import (
+    HEADER_SIZE,
+    Codec,
+    FrameHeader,
+    decode,
+    decode_raw_split,
+    encode,
+    encode_pco,
+    encode_raw,
+    parse_header,
+)
 from ckptfs.codec.hashing import chunk_id
 
-__all__ = ["Codec", "FrameHeader", "chunk_id", "decode", "encode", "encode_pco", "encode_raw", "parse_header"]
+__all__ = [
+    "HEADER_SIZE",
+    "Codec",
+    "FrameHeader",
+    "chunk_id",
+    "decode",
+    "decode_raw_split",
+    "encode",
+    "encode_pco",
+    "encode_raw",
+    "parse_header",
+]

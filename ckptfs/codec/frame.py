@@ -134,10 +134,13 @@ def encode_pco(
     return _pack(Codec.SUB_PCO, width, len(data), bytes(base[0]), payload)
 
 
-def parse_header(frame: bytes | memoryview) -> FrameHeader:
-    """Parse and sanity-check a frame header. Raises ``CorruptChunk``."""
-    if len(frame) < HEADER_SIZE:
-        raise CorruptChunk(f"frame too short ({len(frame)} bytes)")
+def parse_header(frame: bytes | memoryview, frame_len: int | None = None) -> FrameHeader:
+    """Parse and sanity-check a frame header: ``frame`` is the whole frame, or at least its header when
+    ``frame_len`` gives the whole frame's length. Raises ``CorruptChunk``."""
+    if frame_len is None:
+        frame_len = len(frame)
+    if len(frame) < HEADER_SIZE or frame_len < HEADER_SIZE:
+        raise CorruptChunk(f"frame too short ({frame_len} bytes)")
     magic, version, codec, width, _flags, raw_len, base, pay_len, checksum = _HEADER.unpack_from(frame)
     if magic != MAGIC:
         raise CorruptChunk("bad frame magic")
@@ -147,8 +150,8 @@ def parse_header(frame: bytes | memoryview) -> FrameHeader:
         codec_enum = Codec(codec)
     except ValueError:
         raise CorruptChunk(f"unknown codec {codec}") from None
-    if pay_len != len(frame) - HEADER_SIZE:
-        raise CorruptChunk(f"payload length {pay_len} does not match frame size {len(frame)}")
+    if pay_len != frame_len - HEADER_SIZE:
+        raise CorruptChunk(f"payload length {pay_len} does not match frame size {frame_len}")
     return FrameHeader(codec_enum, width, raw_len, None if base == _NO_BASE else ChunkId(base), pay_len, checksum)
 
 
@@ -192,3 +195,19 @@ def decode(frame: bytes | memoryview, expected: ChunkId, base: bytes | memoryvie
     if chunk_id(data) != expected:
         raise CorruptChunk("decoded bytes do not hash to the chunk id")
     return data
+
+
+def decode_raw_split(header: bytes, payload: bytes, expected: ChunkId) -> bytes:
+    """``decode`` of a RAW frame read as its header and its payload apart: the payload is the chunk, so
+    it is returned as it is (no copy), once the checksum and the id prove it. Raises ``CorruptChunk``
+    (also for a frame of another codec)."""
+    hdr = parse_header(header, HEADER_SIZE + len(payload))
+    if hdr.codec != Codec.RAW:
+        raise CorruptChunk(f"expected a raw frame, found codec {int(hdr.codec)}")
+    if checksum64(header[:40], payload) != hdr.checksum:
+        raise CorruptChunk("frame checksum mismatch")
+    if len(payload) != hdr.raw_len:
+        raise CorruptChunk(f"raw frame of {len(payload)} bytes, header says {hdr.raw_len}")
+    if chunk_id(payload) != expected:
+        raise CorruptChunk("decoded bytes do not hash to the chunk id")
+    return payload

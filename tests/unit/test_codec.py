@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -254,3 +256,29 @@ def test_difference_beats_xor_across_a_carry():
     frame, codec = encode(b, 3, 4, (chunk_id(a), a))
     assert codec == Codec.SUB_GROUPED_ZSTD
     assert decode(frame, chunk_id(b), a) == b
+
+
+def test_a_raw_frame_read_as_header_and_payload_decodes_without_a_copy_and_any_damage_is_caught():
+    from ckptfs.codec import decode_raw_split, encode_raw
+
+    data = os.urandom(100_000)
+    cid = chunk_id(data)
+    frame = encode_raw(data)
+    head, payload = frame[:HEADER_SIZE], frame[HEADER_SIZE:]
+    out = decode_raw_split(head, payload, cid)
+    assert out == data and out is payload  # the payload itself, not a copy
+    flipped = bytearray(payload)
+    flipped[777] ^= 1
+    for h, p, c in [
+        (head, bytes(flipped), cid),  # a flipped byte
+        (head, payload[:-1], cid),  # torn
+        (head[:20], payload, cid),  # torn header
+        (head, payload, chunk_id(b"other")),  # another chunk's copy
+    ]:
+        with pytest.raises(CorruptChunk):
+            decode_raw_split(h, p, c)
+    zeros = bytes(100_000)
+    packed = encode(zeros, 3, 4)[0]  # a zstd frame: its payload is not the chunk
+    for h, p, c in [(packed[:HEADER_SIZE], packed[HEADER_SIZE:], chunk_id(zeros))]:
+        with pytest.raises(CorruptChunk):
+            decode_raw_split(h, p, c)
