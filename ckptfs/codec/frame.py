@@ -73,7 +73,7 @@ class FrameHeader:
 
 def _pack(codec: Codec, width: int, raw_len: int, base: bytes, payload: bytes | memoryview) -> bytes:
     prefix = _HEADER.pack(MAGIC, FORMAT_VERSION, codec, width, 0, raw_len, base, len(payload), 0)[:40]
-    return prefix + struct.pack("<Q", checksum64(prefix, payload)) + bytes(payload)
+    return b"".join((prefix, struct.pack("<Q", checksum64(prefix, payload)), payload))  # one copy of the payload
 
 
 def encode_raw(data: bytes | memoryview) -> bytes:
