@@ -527,9 +527,10 @@ async def _serve(cfg: Config, mountpoint: str, c: _Components, ready: Callable[[
         async def remote_fsync(paths: list[bytes]) -> None:
             await uploader.wait_paths(paths, timeout)
 
-    direct = cfg.mount.direct_writes and direct_writes_supported(os.uname().release)
+    kernel = os.uname().release
+    direct = cfg.mount.direct_writes and direct_writes_supported(kernel)
     if cfg.mount.direct_writes and not direct:
-        log.info("mount.direct_writes off: kernel %s is older than 6.6", os.uname().release)
+        log.info("mount.direct_writes off: kernel %s is older than 6.6", kernel)
     pyfuse3.init(Operations(c.tree, cfg.cache.dir, c.health, remote_fsync, direct), mountpoint, options)
     clean = False
     try:

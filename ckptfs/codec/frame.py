@@ -190,6 +190,11 @@ def decode(frame: bytes | memoryview, expected: ChunkId, base: bytes | memoryvie
             data = unplanes(kind, plain, base, hdr.width) if kind != "plain" or hdr.width > 1 else plain
     except (zstandard.ZstdError, ValueError) as exc:
         raise CorruptChunk(f"cannot decompress: {exc}") from None
+    return _proven(data, hdr, expected)
+
+
+def _proven(data: bytes, hdr: FrameHeader, expected: ChunkId) -> bytes:
+    """``data`` once its length is the header's and it hashes to ``expected``. Raises ``CorruptChunk``."""
     if len(data) != hdr.raw_len:
         raise CorruptChunk(f"decoded {len(data)} bytes, header says {hdr.raw_len}")
     if chunk_id(data) != expected:
@@ -206,8 +211,4 @@ def decode_raw_split(header: bytes, payload: bytes, expected: ChunkId) -> bytes:
         raise CorruptChunk(f"expected a raw frame, found codec {int(hdr.codec)}")
     if checksum64(header[:40], payload) != hdr.checksum:
         raise CorruptChunk("frame checksum mismatch")
-    if len(payload) != hdr.raw_len:
-        raise CorruptChunk(f"raw frame of {len(payload)} bytes, header says {hdr.raw_len}")
-    if chunk_id(payload) != expected:
-        raise CorruptChunk("decoded bytes do not hash to the chunk id")
-    return payload
+    return _proven(payload, hdr, expected)
