@@ -282,7 +282,7 @@ class Operations(pyfuse3.Operations):
 
     @_edge()
     async def flush(self, fh: FileHandleT) -> None:
-        self.tree.handle(fh)  # data is in the staging file already; sealing happens at release
+        self.tree.flush(fh)  # data is in the staging file already; sealing happens at release
 
     @_edge()
     async def release(self, fh: FileHandleT) -> None:

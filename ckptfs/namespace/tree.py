@@ -538,14 +538,24 @@ class Tree:
         h.wrote = True
         return await self.contents.write(h.active, off, data)
 
+    def flush(self, fh: int) -> None:
+        """close(2) of a descriptor of the handle: the writes so far change the file's times now. FUSE
+        sends the release after close() has returned, so a reader that opens the file at once would
+        cache pages under the old mtime, and the kernel would drop them once it saw the new one."""
+        self._touch(self.handle(fh))
+
+    def _touch(self, h: Handle) -> None:
+        if h.wrote:
+            h.wrote = False
+            now = time.time_ns()
+            self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, h.inode))
+
     def release(self, fh: int) -> None:
         """Close a handle; the last writer seals the version (no checkpoint)."""
         h = self._handles.pop(fh, None)
         if h is None:
             return
-        if h.wrote:
-            now = time.time_ns()
-            self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE id=?", (now, now, h.inode))
+        self._touch(h)  # writes after the last flush (mmap write-back)
         if h.writable:
             self.contents.release_write(h.inode)
         self._opens[h.inode] -= 1
